@@ -1,0 +1,1 @@
+"""Training: augmentation, targets and loops (layer 3; may import io, never pipeline/viewer/cli)."""
