@@ -1,0 +1,1 @@
+"""The ``cytoken`` command line (thin commands that parse, then call the library)."""

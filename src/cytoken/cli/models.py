@@ -1,0 +1,45 @@
+"""``cytoken models``: list the known models with their licences; ``cytoken models convert`` CellViT checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the command."""
+    p = sub.add_parser("models", help="list models (name, licence, classes) or convert a CellViT checkpoint")
+    msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=run_list)
+    lp = msub.add_parser("list", help="list the models (default)")
+    lp.set_defaults(func=run_list)
+    cp = msub.add_parser(
+        "convert", help="convert an official CellViT/CellViT++ .pth checkpoint to a cytoken bundle"
+    )
+    cp.add_argument("checkpoint", type=Path)
+    cp.add_argument("--out", required=True, type=Path, help="output folder")
+    cp.set_defaults(func=run_convert)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print the manifest."""
+    from cytoken.weights import list_models
+
+    for e in list_models():
+        have = "embedded" if e.path is not None and e.path.is_file() else "not installed"
+        classes = ", ".join(e.class_names) or "-"
+        print(f"{e.name}  [{have}]  {e.mpp} µm/px  classes: {classes}")
+        print(f"    {e.description}")
+        print(f"    licence: {e.licence}")
+        if e.metrics:
+            print("    metrics: " + ", ".join(f"{k} {v}" for k, v in e.metrics.items()))
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert a CellViT checkpoint."""
+    from cytoken.models.cellvit import convert_cellvit_checkpoint
+
+    out = convert_cellvit_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,102 @@
+"""``cytoken segment INPUT... --out DIR``: images and whole slides → cells, outlines, classes, embeddings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_int
+
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".qptiff", ".tiff", ".tif"}
+IMAGE_TIFF_MAX_PIXELS = 8192 * 8192  # TIFFs up to this size go through the image path, larger ones are slides
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the command."""
+    p = sub.add_parser(
+        "segment",
+        help="find, outline and classify every nucleus in images or slides",
+        description="Segment H&E images (PNG/JPEG/TIFF) or whole slides. Writes DIR/<stem>/ with cells.geojson, "
+        "cells.json, cell_detection.json, cells.parquet, embeddings.npy, overlay.png (images) and run.json.",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or slide files")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--model", default="cytoken-default", help="model name (see `cytoken models`) or weights file"
+    )
+    p.add_argument("--mpp", type=mpp_arg, default=None, help="µm/px of the inputs when the files do not say")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="tiles per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--tile-size", type=positive_int, default=None, help="window size in model px")
+    p.add_argument("--overlap", type=int, default=None, help="window overlap in model px")
+    p.add_argument(
+        "--embeddings",
+        choices=("mask", "bbox", "none"),
+        default="mask",
+        help="per-cell token embeddings: mask-weighted mean (default), CellViT++ bbox mean, or none",
+    )
+    p.add_argument(
+        "--slide", action="store_true", help="treat every input as a whole slide (streaming pipeline)"
+    )
+    p.add_argument("--roi", default=None, help="slides: only this level-0 region x,y,w,h")
+    p.add_argument("--tissue-mask", type=Path, default=None, help="slides: binary tissue mask image")
+    p.add_argument("--resume", action="store_true", help="slides: continue an interrupted run")
+    p.add_argument("--read-workers", type=int, default=1, help="slides: tile-reading processes (default 1)")
+    p.add_argument(
+        "--decode-workers", type=int, default=1, help="slides: post-processing processes (default 1)"
+    )
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _is_slide(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        from cytoken.io.image import read_image_size
+
+        try:
+            w, h = read_image_size(path)
+        except Exception:  # unreadable as a plain image: let the slide readers try (and report)
+            return True
+        return w * h > IMAGE_TIFF_MAX_PIXELS
+    return suffix in SLIDE_SUFFIXES
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute the command."""
+    from tqdm.auto import tqdm
+
+    from cytoken.io.atomic import check_writable_dir
+    from cytoken.pipeline.image import SegmentConfig
+    from cytoken.pipeline.predictor import Predictor
+    from cytoken.pipeline.run import segment_image_file
+    from cytoken.types import CytokenError
+
+    out = check_writable_dir(args.out)
+    for path in args.inputs:
+        if not path.exists():
+            raise CytokenError(f"input not found: {path}")
+    model, info = load_model_or_fail(args.model)
+    config = SegmentConfig(batch_size=args.batch_size, tile_size=args.tile_size, overlap=args.overlap,
+                           device=args.device, embeddings=args.embeddings)  # fmt: skip
+    predictor = Predictor(model, config.device, amp=config.amp)
+    bar = tqdm(args.inputs, desc="inputs", unit="file", disable=args.quiet or len(args.inputs) < 2)
+    for path in bar:
+        if args.slide or _is_slide(path):
+            from cytoken.io.slide.tissue import parse_roi
+            from cytoken.pipeline.run import segment_slide_file
+
+            summary = segment_slide_file(
+                path, out, predictor, info, config, mpp=args.mpp, progress=not args.quiet,
+                roi=parse_roi(args.roi) if args.roi else None, tissue_mask=args.tissue_mask, resume=args.resume,
+                read_workers=max(0, args.read_workers), decode_workers=max(0, args.decode_workers),
+            )  # fmt: skip
+        else:
+            show = not args.quiet and len(args.inputs) < 2
+            summary = segment_image_file(
+                path, out, predictor, info, config, mpp=args.mpp, overlay=not args.no_overlay, progress=show
+            )
+        counts = ", ".join(f"{k} {v}" for k, v in summary["cells_per_class"].items()) or "none"
+        print(f"{path.name}: {summary['cells']} cells ({counts}) -> {summary['output']}")
+    return 0

@@ -1,0 +1,112 @@
+"""File-level runners: one input file → one atomically written output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cytoken.io.atomic import atomic_dir
+from cytoken.io.image import read_image
+from cytoken.pipeline.image import SegmentConfig, segment_image
+from cytoken.pipeline.outputs import CellOutputWriter
+from cytoken.pipeline.predictor import Predictor
+from cytoken.types import CellSet
+from cytoken.weights import ModelInfo
+
+__all__ = ["run_info", "segment_image_file", "segment_slide_file", "type_map_of"]
+
+
+def type_map_of(cells_or_names: CellSet | tuple[str, ...]) -> dict[int, str]:
+    """CellViT++ ``type_map`` (class id → name, 0 = unclassified)."""
+    names = cells_or_names.class_names if isinstance(cells_or_names, CellSet) else cells_or_names
+    return {0: "unclassified", **{i: n for i, n in enumerate(names, start=1)}}
+
+
+def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Predictor, **extra: Any) -> dict:
+    """The parameters part of ``run.json``."""
+    mc = predictor.model.config  # type: ignore[attr-defined]
+    return {
+        "input": str(path),
+        "model": {"name": info.name, "sha256": info.sha256, "source": info.source, "licence": info.licence},
+        "model_mpp": mc.mpp,
+        "tile_size": config.tile_size or mc.tile_size,
+        "overlap": mc.overlap if config.overlap is None else config.overlap,
+        "batch_size": config.batch_size,
+        "device": str(predictor.device),
+        "embeddings": config.embeddings,
+        "class_names": list(mc.names) if mc.num_classes else [],
+        **extra,
+    }
+
+
+def segment_image_file(
+    path: Path,
+    out_dir: Path,
+    predictor: Predictor,
+    info: ModelInfo,
+    config: SegmentConfig,
+    *,
+    mpp: float | None = None,
+    overlay: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Segment one image file into ``out_dir/<stem>/`` (atomically). Returns the run summary."""
+    loaded = read_image(path, mpp)
+    cells = segment_image(loaded.array, predictor, loaded.mpp, config=config, progress=progress)  # type: ignore[arg-type]
+    final = Path(out_dir) / path.stem
+    meta = {"image": str(path), "mpp": loaded.mpp, "model": info.name, "model_sha256": info.sha256}
+    with atomic_dir(final) as tmp:
+        writer = CellOutputWriter(
+            tmp,
+            type_map=type_map_of(cells),
+            wsi_metadata={
+                "base_mpp": loaded.mpp,
+                "target_patch_mpp": cells.meta.get("model_mpp", loaded.mpp),
+            },
+            geojson_meta=meta,
+        )
+        try:
+            writer.add(cells)
+            if overlay:
+                CellOutputWriter.overlay(tmp, loaded.array, cells)
+            summary = writer.close(
+                run_info(
+                    path,
+                    info,
+                    config,
+                    predictor,
+                    mpp=loaded.mpp,
+                    mpp_source=loaded.mpp_source,
+                    scale_to_model=cells.meta.get("scale"),
+                    tiles=cells.meta.get("tiles"),
+                    image_size=[int(loaded.array.shape[1]), int(loaded.array.shape[0])],
+                )
+            )
+        except BaseException:
+            writer.abort()
+            raise
+    summary["output"] = str(final)
+    return summary
+
+
+def segment_slide_file(
+    path: Path,
+    out_dir: Path,
+    predictor: Predictor,
+    info: ModelInfo,
+    config: SegmentConfig,
+    *,
+    mpp: float | None = None,
+    progress: bool = True,
+    roi: Any = None,
+    tissue_mask: Path | None = None,
+    resume: bool = False,
+    read_workers: int = 1,
+    decode_workers: int = 1,
+) -> dict[str, Any]:
+    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`)."""
+    from cytoken.pipeline.slide import SlideConfig, segment_slide
+
+    cfg = SlideConfig(segment=config, mpp=mpp, roi=roi, tissue_mask=tissue_mask, resume=resume,
+                      read_workers=read_workers, decode_workers=decode_workers)  # fmt: skip
+    return segment_slide(path, out_dir, predictor, info, cfg, progress=progress)

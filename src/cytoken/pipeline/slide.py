@@ -1,0 +1,323 @@
+"""Whole-slide segmentation: streaming, bounded memory, resumable.
+
+Stages, overlapped:
+
+1. **Read** (DataLoader worker processes): each worker re-opens the slide and reads tiles of the slide as if it were
+   resampled to the model's µm/px (:meth:`Slide.read_scaled`), so 20× slides are upsampled on the fly.
+2. **Infer** (main process): batches of tiles through the model.
+3. **Decode** (a process pool): HoVer post-processing of each tile; a tile keeps only the cells whose centroid lies
+   in its core (:meth:`TileGrid.keep`), so every cell is kept exactly once, decided per tile as tiles finish.
+4. **Spill**: each finished *chunk* (a fixed group of ``batch_size`` consecutive tiles) is written to
+   ``<out>/.<stem>.partial/chunks/`` with its cells already in level-0 slide pixels; ``progress.json`` records
+   finished chunks. Memory holds at most a few chunks, whatever the slide size.
+5. **Assemble**: chunks are streamed in order into the output files (ids 1..N), inside an atomic folder.
+
+``--resume`` skips finished chunks; chunks are fixed groups of tiles, so a resumed run computes exactly the same
+batches and writes byte-identical cell files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from cytoken.io.atomic import atomic_dir, atomic_write_text
+from cytoken.io.cellstore import load_cells, save_cells
+from cytoken.io.slide import open_slide
+from cytoken.io.slide.base import Slide
+from cytoken.io.slide.tissue import detect_tissue, load_tissue_mask
+from cytoken.io.tiling import Tile, TileGrid, model_image_size, mpp_scale
+from cytoken.pipeline.image import SegmentConfig, decode_spec
+from cytoken.pipeline.outputs import CellOutputWriter
+from cytoken.pipeline.predictor import Predictor
+from cytoken.pipeline.tiles import DecodeSpec, decode_tile
+from cytoken.types import Bounds, CellSet, CytokenError
+from cytoken.weights import ModelInfo
+
+__all__ = ["SlideConfig", "segment_slide"]
+
+MAX_SLIDE_MPP = 0.75
+
+
+@dataclass(frozen=True)
+class SlideConfig:
+    """Options of :func:`segment_slide`.
+
+    Attributes:
+        segment: inference options (batch size, tile size, overlap, device, embeddings, post-processing).
+        mpp: level-0 µm/px, overriding the slide's metadata (``--mpp``).
+        roi: only this level-0 rectangle (``--roi x,y,w,h``).
+        tissue_mask: a binary image covering the slide (``--tissue-mask``); default: detect tissue on a thumbnail.
+        detect_tissue: skip tiles without tissue (on by default).
+        read_workers: tile-reading worker processes (0 = read in the main process).
+        decode_workers: post-processing worker processes (0 = decode in the main process).
+        resume: continue an interrupted run from its spilled chunks.
+        gzip_geojson: write ``cells.geojson.gz``.
+    """
+
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    mpp: float | None = None
+    roi: Bounds | None = None
+    tissue_mask: Path | None = None
+    detect_tissue: bool = True
+    read_workers: int = 1
+    decode_workers: int = 1
+    resume: bool = False
+    gzip_geojson: bool = True
+
+
+class _TileReader(TorchDataset):
+    """Reads tiles by index; each worker process opens its own slide handle."""
+
+    def __init__(self, slide: Slide, tiles: list[Tile], tile_size: int, model_mpp: float) -> None:
+        self.slide = slide
+        self.tiles = tiles
+        self.tile_size = tile_size
+        self.model_mpp = model_mpp
+        self._handle: Slide | None = None
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+        if self._handle is None:
+            self._handle = self.slide.reopen() if torch.utils.data.get_worker_info() else self.slide
+        t = self.tiles[i]
+        return i, self._handle.read_scaled(t.bounds, self.model_mpp)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state
+
+
+def _collate(batch: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
+    return [b[0] for b in batch], np.stack([b[1] for b in batch])
+
+
+def _decode_job(args: tuple) -> CellSet:
+    nuc, hv, tp, tok, tile, grid, spec, scale, slide_mpp = args
+    cells = decode_tile(nuc, hv, tp, tok, tile, grid, spec).cells
+    return cells.transformed(1.0 / scale, mpp=slide_mpp)
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) / 1024.0, 1)
+
+
+def _plan(
+    slide: Slide, config: SlideConfig, tile: int, overlap: int, model_mpp: float
+) -> tuple[TileGrid, list[Tile], float]:
+    scale = mpp_scale(slide.mpp, model_mpp)
+    full_w, full_h = model_image_size(slide.dimensions, scale)
+    if config.roi is not None:
+        r = config.roi
+        x0, y0 = int(np.floor(r.x * scale)), int(np.floor(r.y * scale))
+        x1, y1 = int(np.ceil(r.x1 * scale)), int(np.ceil(r.y1 * scale))
+        grid = TileGrid((max(1, x1 - x0), max(1, y1 - y0)), tile, overlap, origin=(x0, y0))
+    else:
+        grid = TileGrid((full_w, full_h), tile, overlap)
+    mask = None
+    if config.tissue_mask is not None:
+        mask = load_tissue_mask(config.tissue_mask, slide.dimensions)
+    elif config.detect_tissue:
+        thumb, _ = slide.thumbnail(2048)
+        mask = detect_tissue(thumb)
+    whole = Bounds(0, 0, full_w, full_h)
+    tiles = list(grid.tiles(mask, mask_extent=whole)) if mask is not None else list(grid.tiles())
+    return grid, tiles, scale
+
+
+def segment_slide(
+    path: str | Path,
+    out_dir: str | Path,
+    predictor: Predictor,
+    info: ModelInfo,
+    config: SlideConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment a whole slide into ``out_dir/<stem>/`` with bounded memory; returns the run summary.
+
+    Raises:
+        CytokenError: unreadable slide (names the backends tried), µm/px missing or coarser than 0.75, unwritable
+            output, or a finished run's partial folder that does not match (on ``resume``).
+    """
+    config = config or SlideConfig()
+    t0 = time.time()
+    path = Path(path)
+    out_dir = Path(out_dir)
+    final = out_dir / path.stem
+    work = out_dir / f".{path.stem}.partial"
+    seg = predictor.model
+    mc = seg.config  # type: ignore[attr-defined]
+    tile = config.segment.tile_size or mc.tile_size
+    overlap = mc.overlap if config.segment.overlap is None else config.segment.overlap
+    slide = open_slide(path, mpp=config.mpp)
+    try:
+        if slide.mpp > MAX_SLIDE_MPP:
+            raise CytokenError(f"{path}: {slide.mpp:.3f} µm/px is coarser than {MAX_SLIDE_MPP} µm/px; cell-level "
+                               "segmentation needs at least 20x scans (~0.5 µm/px)")  # fmt: skip
+        grid, tiles, scale = _plan(slide, config, tile, overlap, mc.mpp)
+        spec = decode_spec(seg, config.segment)
+        bs = config.segment.batch_size
+        chunks = [list(range(i, min(i + bs, len(tiles)))) for i in range(0, len(tiles), bs)]
+        plan_key = {"slide": str(path.resolve()), "model": info.sha256, "tiles": [t.index for t in tiles],
+                    "tile": tile, "overlap": overlap, "mpp": slide.mpp, "batch": bs,
+                    "embeddings": config.segment.embeddings}  # fmt: skip
+        done = _prepare_workdir(work, plan_key, config.resume)
+        _run_chunks(
+            slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config, progress
+        )
+        summary = _assemble(path, final, work, chunks, slide, info, config, predictor, tiles, scale, t0)
+    finally:
+        slide.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _prepare_workdir(work: Path, plan_key: dict, resume: bool) -> set[int]:
+    prog = work / "progress.json"
+    if resume and prog.is_file():
+        state = json.loads(prog.read_text())
+        if state.get("plan") != plan_key:
+            raise CytokenError(f"--resume: {work} belongs to a run with other settings (slide, model, tiles or "
+                               "batch size differ); remove it or rerun without --resume")  # fmt: skip
+        return {int(c) for c in state["done"] if (work / "chunks" / f"{int(c):06d}.npz").is_file()}
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "chunks").mkdir(parents=True)
+    atomic_write_text(prog, json.dumps({"plan": plan_key, "done": []}))
+    return set()
+
+
+def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[list[int]], done: set[int],
+                work: Path, predictor: Predictor, spec: DecodeSpec, scale: float, tile: int, model_mpp: float,
+                config: SlideConfig, progress: bool) -> None:  # fmt: skip
+    todo = [c for c in range(len(chunks)) if c not in done]
+    if not todo:
+        return
+    order = [i for c in todo for i in chunks[c]]
+    reader = _TileReader(slide, [tiles[i] for i in order], tile, model_mpp)
+    bs = config.segment.batch_size
+    loader = DataLoader(reader, batch_size=bs, num_workers=config.read_workers, collate_fn=_collate,
+                        prefetch_factor=2 if config.read_workers else None,
+                        multiprocessing_context="spawn" if config.read_workers else None)  # fmt: skip
+    pool = (
+        ProcessPoolExecutor(config.decode_workers, mp_context=get_context("spawn"))
+        if config.decode_workers
+        else None
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tiles), initial=sum(len(chunks[c]) for c in done), desc="tiles", unit="tile",
+                   dynamic_ncols=True)  # fmt: skip
+    pending: deque[tuple[int, list[Future | CellSet]]] = deque()
+    state = json.loads((work / "progress.json").read_text())
+
+    def flush(block: bool) -> None:
+        while pending and (block or all(not isinstance(f, Future) or f.done() for f in pending[0][1])):
+            c, futs = pending.popleft()
+            parts = [f.result() if isinstance(f, Future) else f for f in futs]
+            cells = CellSet.concat(parts, renumber=False) if parts else None
+            if cells is not None:
+                save_cells(cells, work / "chunks" / f"{c:06d}.npz")
+            state["done"].append(c)
+            atomic_write_text(work / "progress.json", json.dumps(state))
+            if bar is not None:
+                bar.update(len(chunks[c]))
+
+    try:
+        it = iter(loader)
+        for c in todo:
+            _, batch = next(it)
+            outs = predictor(batch)
+            jobs: list[Future | CellSet] = []
+            for i, out in zip(chunks[c], outs):
+                args = (
+                    out.nuclei_prob,
+                    out.hv,
+                    out.type_prob,
+                    out.tokens,
+                    tiles[i],
+                    grid,
+                    spec,
+                    scale,
+                    slide.mpp,
+                )
+                jobs.append(pool.submit(_decode_job, args) if pool else _decode_job(args))
+            pending.append((c, jobs))
+            flush(block=len(pending) > 2 * max(1, config.decode_workers))
+        flush(block=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+
+
+def _assemble(
+    path: Path, final: Path, work: Path, chunks: list[list[int]], slide: Slide, info: ModelInfo,
+    config: SlideConfig, predictor: Predictor, tiles: list[Tile], scale: float, t0: float,
+) -> dict:  # fmt: skip
+    from cytoken.pipeline.run import run_info, type_map_of
+
+    mc = predictor.model.config  # type: ignore[attr-defined]
+    names = tuple(mc.names) if mc.num_classes else ()
+    meta = {"slide": str(path), "mpp": slide.mpp, "model": info.name, "model_sha256": info.sha256}
+    next_id = 1
+    with atomic_dir(final) as tmp:
+        writer = CellOutputWriter(
+            tmp, gzip_geojson=config.gzip_geojson, type_map=type_map_of(names),
+            wsi_metadata={"base_mpp": slide.mpp, "target_patch_mpp": mc.mpp, "shape": list(slide.dimensions)},
+            geojson_meta=meta,
+        )  # fmt: skip
+        try:
+            for c in range(len(chunks)):
+                f = work / "chunks" / f"{c:06d}.npz"
+                if not f.is_file():
+                    continue
+                cells = load_cells(f)
+                cells.ids = np.arange(next_id, next_id + len(cells), dtype=np.int64)
+                next_id += len(cells)
+                writer.add(cells)
+            if not tiles:
+                import warnings
+
+                warnings.warn(f"{path}: no tissue found; the output is empty", stacklevel=2)
+            summary = writer.close(run_info(
+                path, info, config.segment, predictor, mpp=slide.mpp, scale_to_model=scale, tiles=len(tiles),
+                slide_dimensions=list(slide.dimensions), backend=getattr(slide, "backend", None),
+                roi=None if config.roi is None else [config.roi.x, config.roi.y, config.roi.width, config.roi.height],
+                read_workers=config.read_workers, decode_workers=config.decode_workers, peak_rss_mb=_peak_rss_mb(),
+                total_seconds=round(time.time() - t0, 2),
+                tiles_per_second=round(len(tiles) / max(1e-9, time.time() - t0), 3),
+            ))  # fmt: skip
+        except BaseException:
+            writer.abort()
+            raise
+    summary["output"] = str(final)
+    return summary
+
+
+def cpu_count() -> int:
+    """Usable CPU cores."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
