@@ -79,7 +79,7 @@ def main() -> None:
             crop = s.read_region(Bounds(600, 900, 1024, 1024), s.mpp)
         flat = []
         for k in args.sizes:
-            reps = int(round(k**0.5))
+            reps = round(k**0.5)
             path = tmp / f"tiled_{k}x.tiff"
             make_pyramid(crop, reps, path)
             r = run_cli([str(path), "--out", str(tmp / f"o{k}"), "--model", args.model, "--slide"])

@@ -24,9 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split to score (default: the adapter's, e.g. test)")
     p.add_argument("--mpp", type=mpp_arg, default=None, help="override the dataset's µm/px")
     p.add_argument("--out", required=True, type=Path, help="metrics.json to write")
-    p.add_argument(
-        "--save-predictions", type=Path, default=None, help="write scored instance maps as DIR/<stem>.png"
-    )
+    p.add_argument("--save-predictions", type=Path, default=None, help="write scored instance maps as DIR/<stem>.png")
     p.add_argument(
         "--predictions",
         type=Path,
@@ -88,7 +86,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"{k:<14}{v:.4f}")
     for name, f in (metrics.get("type_f1") or {}).items():
         print(f"{'F1 ' + name:<14}{f:.4f}")
-    print(
-        f"images {metrics['n_images']}, true {metrics['n_true']}, predicted {metrics['n_pred']} -> {args.out}"
-    )
+    print(f"images {metrics['n_images']}, true {metrics['n_true']}, predicted {metrics['n_pred']} -> {args.out}")
     return 0

@@ -13,9 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_list)
     lp = msub.add_parser("list", help="list the models (default)")
     lp.set_defaults(func=run_list)
-    cp = msub.add_parser(
-        "convert", help="convert an official CellViT/CellViT++ .pth checkpoint to a cytoken bundle"
-    )
+    cp = msub.add_parser("convert", help="convert an official CellViT/CellViT++ .pth checkpoint to a cytoken bundle")
     cp.add_argument("checkpoint", type=Path)
     cp.add_argument("--out", required=True, type=Path, help="output folder")
     cp.set_defaults(func=run_convert)

@@ -21,9 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or slide files")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument(
-        "--model", default="cytoken-default", help="model name (see `cytoken models`) or weights file"
-    )
+    p.add_argument("--model", default="cytoken-default", help="model name (see `cytoken models`) or weights file")
     p.add_argument("--mpp", type=mpp_arg, default=None, help="µm/px of the inputs when the files do not say")
     p.add_argument("--batch-size", type=positive_int, default=8, help="tiles per forward pass (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
@@ -36,15 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="per-cell token embeddings: mask-weighted mean (default), CellViT++ bbox mean, or none",
     )
     p.add_argument(
-        "--slide", action="store_true", help="treat every input as a whole slide (streaming pipeline)"
+        "--classifier",
+        type=Path,
+        default=None,
+        help="classifier bundle applied to the cells' embeddings in the same run",
     )
+    p.add_argument("--slide", action="store_true", help="treat every input as a whole slide (streaming pipeline)")
     p.add_argument("--roi", default=None, help="slides: only this level-0 region x,y,w,h")
     p.add_argument("--tissue-mask", type=Path, default=None, help="slides: binary tissue mask image")
     p.add_argument("--resume", action="store_true", help="slides: continue an interrupted run")
     p.add_argument("--read-workers", type=int, default=1, help="slides: tile-reading processes (default 1)")
-    p.add_argument(
-        "--decode-workers", type=int, default=1, help="slides: post-processing processes (default 1)"
-    )
+    p.add_argument("--decode-workers", type=int, default=1, help="slides: post-processing processes (default 1)")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -81,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
     config = SegmentConfig(batch_size=args.batch_size, tile_size=args.tile_size, overlap=args.overlap,
                            device=args.device, embeddings=args.embeddings)  # fmt: skip
     predictor = Predictor(model, config.device, amp=config.amp)
+    bundle = None
+    if args.classifier is not None:
+        from cytoken.classify import check_compatible, load_bundle
+
+        if args.embeddings == "none":
+            raise CytokenError("--classifier needs embeddings; drop --embeddings none")
+        bundle = load_bundle(args.classifier)
+        check_compatible(bundle, info.sha256, model.encoder.spec.embed_dim)
     bar = tqdm(args.inputs, desc="inputs", unit="file", disable=args.quiet or len(args.inputs) < 2)
     for path in bar:
         if args.slide or _is_slide(path):
@@ -91,11 +99,20 @@ def run(args: argparse.Namespace) -> int:
                 path, out, predictor, info, config, mpp=args.mpp, progress=not args.quiet,
                 roi=parse_roi(args.roi) if args.roi else None, tissue_mask=args.tissue_mask, resume=args.resume,
                 read_workers=max(0, args.read_workers), decode_workers=max(0, args.decode_workers),
+                classifier=bundle,
             )  # fmt: skip
         else:
             show = not args.quiet and len(args.inputs) < 2
             summary = segment_image_file(
-                path, out, predictor, info, config, mpp=args.mpp, overlay=not args.no_overlay, progress=show
+                path,
+                out,
+                predictor,
+                info,
+                config,
+                mpp=args.mpp,
+                overlay=not args.no_overlay,
+                progress=show,
+                classifier=bundle,
             )
         counts = ", ".join(f"{k} {v}" for k, v in summary["cells_per_class"].items()) or "none"
         print(f"{path.name}: {summary['cells']} cells ({counts}) -> {summary['output']}")

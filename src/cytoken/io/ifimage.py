@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cytoken.io.atomic import atomic_path
 from cytoken.types import CytokenError, validate_mpp
 
 __all__ = ["IFImage", "read_if", "write_ome_tiff"]
@@ -183,7 +184,7 @@ def read_if(
             img = _read_multichannel(paths[0], channels)
         else:
             img = _read_per_marker(paths, [p.stem for p in paths])
-    if channels is not None:
+    if channels is not None and not img.meta.pop("_selected", False):
         img = img.select(channels)
     if mpp is not None:
         img.mpp = validate_mpp(mpp, source="read_if(mpp=...)")
@@ -256,17 +257,13 @@ def _read_ome(tf: Any, path: Path) -> IFImage:
     names: list[str] = []
     mpp = None
     if pixels is not None:
-        names = [
-            ch.get("Name") or f"ch{i}" for i, ch in enumerate(e for e in pixels if _local(e.tag) == "Channel")
-        ]
+        names = [ch.get("Name") or f"ch{i}" for i, ch in enumerate(e for e in pixels if _local(e.tag) == "Channel")]
         size = pixels.get("PhysicalSizeX")
         if size is not None:
             unit = (pixels.get("PhysicalSizeXUnit") or "µm").strip().lower()
             factor = _UNIT_TO_UM.get(unit)
             if factor is None:
-                raise CytokenError(
-                    f"{path}: unsupported OME PhysicalSizeXUnit {unit!r}; allowed {sorted(_UNIT_TO_UM)}"
-                )
+                raise CytokenError(f"{path}: unsupported OME PhysicalSizeXUnit {unit!r}; allowed {sorted(_UNIT_TO_UM)}")
             mpp = float(size) * factor
     if len(names) != data.shape[0]:
         names = [f"ch{i}" for i in range(data.shape[0])]
@@ -301,8 +298,11 @@ def _read_qptiff(tf: Any, path: Path, channels: ChannelKey | Sequence[ChannelKey
         wanted = list(range(len(pages)))
     else:
         keys = [channels] if isinstance(channels, str | int) else list(channels)
-        wanted = sorted({_channel_index(k, names, path) for k in keys})
-    planes = [pages[i].asarray() for i in wanted]
+        if not keys:
+            raise CytokenError("no channels selected; give at least one channel name or index")
+        wanted = [_channel_index(k, names, path) for k in keys]
+    decoded = {i: pages[i].asarray() for i in set(wanted)}
+    planes = [decoded[i] for i in wanted]
     if any(p.ndim != 2 for p in planes):
         raise CytokenError(f"{path}: QPTIFF series 0 pages are not single-channel planes ({planes[0].shape})")
     mpp = _mpp_from_tags(pages[0])
@@ -315,7 +315,7 @@ def _read_qptiff(tf: Any, path: Path, channels: ChannelKey | Sequence[ChannelKey
         channel_names=tuple(names[i] for i in wanted),
         mpp=mpp,
         path=path,
-        meta={"format": "qptiff", "all_channels": tuple(names)},
+        meta={"format": "qptiff", "all_channels": tuple(names), "_selected": channels is not None},
     )
 
 
@@ -392,7 +392,7 @@ def write_ome_tiff(image: IFImage, path: PathLike) -> Path:
 
     Args:
         image: the image to write.
-        path: target file; written to a temporary name first and then renamed.
+        path: target file; written to a temporary sibling first and then renamed (atomic).
 
     Returns:
         The path written.
@@ -408,15 +408,7 @@ def write_ome_tiff(image: IFImage, path: PathLike) -> Path:
     path = Path(path)
     meta: dict[str, Any] = {"axes": "CYX", "Channel": {"Name": list(image.channel_names)}}
     if image.mpp is not None:
-        meta.update(
-            PhysicalSizeX=image.mpp, PhysicalSizeY=image.mpp, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm"
-        )
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tifffile.imwrite(
-            tmp, np.ascontiguousarray(image.data), ome=True, metadata=meta, photometric="minisblack"
-        )
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        meta.update(PhysicalSizeX=image.mpp, PhysicalSizeY=image.mpp, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(image.data), ome=True, metadata=meta, photometric="minisblack")
     return path

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cytoken.models.decoders.dpt import DptDecoder
 from cytoken.models.decoders.unetr import UnetrDecoder, UnetrWidths
 from cytoken.models.encoders.base import build_encoder
 from cytoken.models.heads import HoverHeads
+from cytoken.models.multichannel import ChannelInit, InputChannel, fit_encoder_channels
 from cytoken.models.segmenter import CellSegmenter
 
 __all__ = ["SegmenterConfig", "build_segmenter"]
@@ -21,7 +22,8 @@ class SegmenterConfig(BaseModel):
     Attributes:
         encoder: registered encoder name (``cytoken_s16``, ``hipt256``, ``uni``, ``virchow``, ``virchow2``,
             ``sam_h``, …) or ``timm:<model>``.
-        encoder_kwargs: keyword arguments of the encoder builder (e.g. ``depth``, ``pretrained``).
+        encoder_kwargs: keyword arguments of the encoder builder (e.g. ``depth``, ``pretrained``, and ``adapter``:
+            ``{"kind": "cellvta", ...}``, see :mod:`cytoken.models.adapters`).
         decoder: ``unetr`` (CellViT) or ``dpt``.
         decoder_kwargs: for ``unetr``: ``width_factor`` (1.0 = CellViT widths), ``shared``, ``out_stride``,
             ``dropout``; for ``dpt``: ``features``, ``out_channels``.
@@ -32,7 +34,13 @@ class SegmenterConfig(BaseModel):
         tissue_names: names of the tissue classes.
         hv_activation: ``tanh`` (cytoken models) or ``identity`` (CellViT checkpoints).
         mpp: µm/px the model works at.
-        in_chans: input channels (3 for RGB).
+        in_chans: input channels (3 for RGB). The encoder is built with 3 channels (so released weights load) and
+            its image convolutions widened (see :mod:`cytoken.models.multichannel`).
+        channels: names and normalisation of the ``in_chans`` input channels (strings are names); empty = RGB /
+            unnamed.
+        channel_init: how widened image convolutions start: ``grey`` or ``zero``.
+        token_pool: token size in px that cell embeddings are pooled over; None = the encoder's patch size, the
+            only value allowed (:func:`build_segmenter` refuses another: cells would be mapped to the wrong tokens).
         tile_size: default inference tile size in px.
         overlap: default tile overlap in px (must exceed the largest nucleus diameter).
     """
@@ -51,11 +59,23 @@ class SegmenterConfig(BaseModel):
     hv_activation: Literal["tanh", "identity"] = "tanh"
     mpp: float = Field(0.25, gt=0)
     in_chans: int = Field(3, ge=1)
+    channels: list[InputChannel] = Field(default_factory=list)
+    channel_init: ChannelInit = "grey"
+    token_pool: int | None = Field(None, ge=1)
     tile_size: int = Field(256, ge=32)
     overlap: int = Field(64, ge=0)
 
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channel_names(cls, v: Any) -> Any:
+        return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list | tuple) else v
+
     @model_validator(mode="after")
     def _check(self) -> SegmenterConfig:
+        if self.channels and len(self.channels) != self.in_chans:
+            raise ValueError(f"{len(self.channels)} channels for in_chans={self.in_chans}")
+        if len({c.name.lower() for c in self.channels}) != len(self.channels):
+            raise ValueError(f"channel names must be unique, got {[c.name for c in self.channels]}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
         if self.class_colors and len(self.class_colors) != self.num_classes:
@@ -78,7 +98,14 @@ def build_segmenter(config: SegmenterConfig) -> CellSegmenter:
         >>> m.heads.types.out_channels
         4
     """
-    enc = build_encoder(config.encoder, in_chans=config.in_chans, **config.encoder_kwargs)
+    enc = fit_encoder_channels(build_encoder(config.encoder, **config.encoder_kwargs), config)
+    p = enc.spec.patch_size
+    if config.token_pool is not None and config.token_pool != p:
+        raise ValueError(
+            f"token_pool={config.token_pool} px does not fit encoder {config.encoder!r}, whose tokens are {p} px: "
+            f"cell embeddings average the encoder's token grid (one token per {p}x{p} px), so {config.token_pool}-px "
+            f"pooling would assign cells to the wrong tokens; use token_pool={p} or leave it unset"
+        )
     d = enc.spec.embed_dim
     kw = dict(config.decoder_kwargs)
     if config.decoder == "unetr":

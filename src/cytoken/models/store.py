@@ -78,6 +78,9 @@ def read_config(path: str | Path) -> SegmenterConfig:
 def load_segmenter(path: str | Path) -> CellSegmenter:
     """Load a segmenter written by :func:`save_segmenter` (strictly; float16 files come back as float32)."""
     config = read_config(path)
+    if "pretrained" in config.encoder_kwargs:  # the file holds all weights: do not re-read the encoder's source
+        config = config.model_copy(update={"encoder_kwargs": {k: v for k, v in config.encoder_kwargs.items()
+                                                              if k != "pretrained"}})  # fmt: skip
     with torch.device("meta"):  # weights are assigned from the file: skip random initialisation
         model = build_segmenter(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in read_state_dict(path).items()}

@@ -131,9 +131,7 @@ def evaluate(
             pred_ids, pred_pts = _centroids(pred)
             pred_cls = np.zeros(len(pred_ids), np.int64)
         else:
-            cells, pred = segment_image_with_labels(
-                s.image, predictor, mpp, config=config.segment, progress=False
-            )  # type: ignore[arg-type]
+            cells, pred = segment_image_with_labels(s.image, predictor, mpp, config=config.segment, progress=False)  # type: ignore[arg-type]
             pred_ids, pred_pts = cells.ids, cells.centroids
             lut_m2d = {m: d for d, m in shared}
             pred_cls = np.array([lut_m2d.get(int(c), 0) for c in cells.class_ids], np.int64)
@@ -169,10 +167,10 @@ def evaluate(
                                  pred_labels=pred_cls if labels_ok else None))  # fmt: skip
         n_true += len(true_pts)
         n_pred += len(pred_pts)
+
     def mean(k):
-        return (
-            float(np.nanmean(per_img[k])) if per_img[k] and not np.all(np.isnan(per_img[k])) else None
-        )
+        return float(np.nanmean(per_img[k])) if per_img[k] and not np.all(np.isnan(per_img[k])) else None
+
     out: dict[str, Any] = {
         "bpq": mean("pq"), "bdq": mean("dq"), "bsq": mean("sq"), "aji": mean("aji"), "aji_plus": mean("aji_plus"),
         "dice": mean("dice"), "mpq": mean("mpq"),

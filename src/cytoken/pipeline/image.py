@@ -155,13 +155,9 @@ def _segment(
     mpp = validate_mpp(mpp, source="mpp")
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise CytokenError(
-            f"segment_image expects an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
-        )
+        raise CytokenError(f"segment_image expects an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
     if min(image.shape[:2]) < MIN_SIDE:
-        raise CytokenError(
-            f"image of {image.shape[1]}x{image.shape[0]} px is too small (minimum {MIN_SIDE} px)"
-        )
+        raise CytokenError(f"image of {image.shape[1]}x{image.shape[0]} px is too small (minimum {MIN_SIDE} px)")
     predictor = model if isinstance(model, Predictor) else Predictor(model, config.device, amp=config.amp)
     seg = predictor.model
     mc = seg.config  # type: ignore[attr-defined]

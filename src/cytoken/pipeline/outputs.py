@@ -105,9 +105,7 @@ class CellOutputWriter:
         self.folder = Path(folder)
         name = "cells.geojson.gz" if gzip_geojson else "cells.geojson"
         self.geojson = GeoJSONWriter(self.folder / name, metadata=geojson_meta)
-        self.cellvit = CellViTJSONWriter(
-            self.folder / "cells.json", type_map=type_map, wsi_metadata=wsi_metadata
-        )
+        self.cellvit = CellViTJSONWriter(self.folder / "cells.json", type_map=type_map, wsi_metadata=wsi_metadata)
         self.detection = CellViTJSONWriter(
             self.folder / "cell_detection.json", detection=True, type_map=type_map, wsi_metadata=wsi_metadata
         )

@@ -49,10 +49,18 @@ def segment_image_file(
     mpp: float | None = None,
     overlay: bool = True,
     progress: bool = False,
+    classifier: Any = None,
 ) -> dict[str, Any]:
-    """Segment one image file into ``out_dir/<stem>/`` (atomically). Returns the run summary."""
+    """Segment one image file into ``out_dir/<stem>/`` (atomically). Returns the run summary.
+
+    ``classifier`` (a :class:`~cytoken.classify.ClassifierBundle`) re-labels the cells from their embeddings.
+    """
     loaded = read_image(path, mpp)
     cells = segment_image(loaded.array, predictor, loaded.mpp, config=config, progress=progress)  # type: ignore[arg-type]
+    if classifier is not None:
+        from cytoken.pipeline.classifier import relabel
+
+        cells = relabel(cells, classifier)
     final = Path(out_dir) / path.stem
     meta = {"image": str(path), "mpp": loaded.mpp, "model": info.name, "model_sha256": info.sha256}
     with atomic_dir(final) as tmp:
@@ -80,6 +88,7 @@ def segment_image_file(
                     scale_to_model=cells.meta.get("scale"),
                     tiles=cells.meta.get("tiles"),
                     image_size=[int(loaded.array.shape[1]), int(loaded.array.shape[0])],
+                    classifier=None if classifier is None else str(classifier.path),
                 )
             )
         except BaseException:
@@ -103,10 +112,11 @@ def segment_slide_file(
     resume: bool = False,
     read_workers: int = 1,
     decode_workers: int = 1,
+    classifier: Any = None,
 ) -> dict[str, Any]:
     """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`)."""
     from cytoken.pipeline.slide import SlideConfig, segment_slide
 
     cfg = SlideConfig(segment=config, mpp=mpp, roi=roi, tissue_mask=tissue_mask, resume=resume,
-                      read_workers=read_workers, decode_workers=decode_workers)  # fmt: skip
+                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier)  # fmt: skip
     return segment_slide(path, out_dir, predictor, info, cfg, progress=progress)

@@ -66,6 +66,7 @@ class SlideConfig:
         read_workers: tile-reading worker processes (0 = read in the main process).
         decode_workers: post-processing worker processes (0 = decode in the main process).
         resume: continue an interrupted run from its spilled chunks.
+        classifier: a classifier bundle that re-labels cells from their embeddings as chunks are assembled.
         gzip_geojson: write ``cells.geojson.gz``.
     """
 
@@ -78,6 +79,7 @@ class SlideConfig:
     decode_workers: int = 1
     resume: bool = False
     gzip_geojson: bool = True
+    classifier: Any = None
 
 
 class _TileReader(TorchDataset):
@@ -182,9 +184,7 @@ def segment_slide(
                     "tile": tile, "overlap": overlap, "mpp": slide.mpp, "batch": bs,
                     "embeddings": config.segment.embeddings}  # fmt: skip
         done = _prepare_workdir(work, plan_key, config.resume)
-        _run_chunks(
-            slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config, progress
-        )
+        _run_chunks(slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config, progress)
         summary = _assemble(path, final, work, chunks, slide, info, config, predictor, tiles, scale, t0)
     finally:
         slide.close()
@@ -220,9 +220,7 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
                         prefetch_factor=2 if config.read_workers else None,
                         multiprocessing_context="spawn" if config.read_workers else None)  # fmt: skip
     pool = (
-        ProcessPoolExecutor(config.decode_workers, mp_context=get_context("spawn"))
-        if config.decode_workers
-        else None
+        ProcessPoolExecutor(config.decode_workers, mp_context=get_context("spawn")) if config.decode_workers else None
     )
     bar = None
     if progress:
@@ -282,6 +280,10 @@ def _assemble(
 
     mc = predictor.model.config  # type: ignore[attr-defined]
     names = tuple(mc.names) if mc.num_classes else ()
+    if config.classifier is not None:
+        from cytoken.pipeline.classifier import relabel
+
+        names = tuple(config.classifier.class_names)
     meta = {"slide": str(path), "mpp": slide.mpp, "model": info.name, "model_sha256": info.sha256}
     next_id = 1
     with atomic_dir(final) as tmp:
@@ -296,6 +298,8 @@ def _assemble(
                 if not f.is_file():
                     continue
                 cells = load_cells(f)
+                if config.classifier is not None:
+                    cells = relabel(cells, config.classifier)
                 cells.ids = np.arange(next_id, next_id + len(cells), dtype=np.int64)
                 next_id += len(cells)
                 writer.add(cells)

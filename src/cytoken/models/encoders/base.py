@@ -80,6 +80,9 @@ ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder")
 def build_encoder(name: str, **kwargs: object) -> Encoder:
     """Build a registered encoder by name (``timm:<model>`` for any timm ViT).
 
+    ``adapter={"kind": ..., ...}`` attaches a registered adapter after the encoder is built and its weights are
+    loaded (see :mod:`cytoken.models.adapters`).
+
     Example:
         >>> enc = build_encoder("vit_tiny_test")
         >>> enc.spec.patch_size
@@ -87,8 +90,15 @@ def build_encoder(name: str, **kwargs: object) -> Encoder:
     """
     from cytoken.models.encoders import zoo  # noqa: F401  (registers the builders)
 
+    adapter = kwargs.pop("adapter", None)
     if name.lower().startswith("timm:"):
         from cytoken.models.encoders.timm_wrapper import build_timm_encoder
 
-        return build_timm_encoder(name.split(":", 1)[1], **kwargs)  # type: ignore[arg-type]
-    return ENCODERS.get(name)(**kwargs)
+        enc = build_timm_encoder(name.split(":", 1)[1], **kwargs)  # type: ignore[arg-type]
+    else:
+        enc = ENCODERS.get(name)(**kwargs)
+    if adapter is not None:
+        from cytoken.models.adapters import attach_adapter
+
+        enc = attach_adapter(enc, adapter)  # type: ignore[arg-type]
+    return enc

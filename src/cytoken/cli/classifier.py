@@ -1,0 +1,198 @@
+"""``cytoken classifier {dataset,train,search,evaluate,apply}``: cell classifiers on cached token embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the command."""
+    p = sub.add_parser("classifier", help="train and apply cell classifiers on cached embeddings")
+    csub = p.add_subparsers(dest="classifier_command", metavar="SUBCOMMAND")
+    csub.required = True
+
+    d = csub.add_parser("dataset", help="labels + images -> cached embedding set (.npz)")
+    d.add_argument(
+        "--dataset", required=True, help="crchisto, consep, consep_patched, pannuke, lizard, cellvit, folder"
+    )
+    d.add_argument("--data-root", required=True, type=Path)
+    d.add_argument("--split", default=None, help="split to read (default: the adapter's)")
+    d.add_argument("--model", default="cytoken-default", help="segmentation model whose embeddings are used")
+    d.add_argument("--mpp", type=mpp_arg, default=None, help="override the dataset's µm/px")
+    d.add_argument("--out", required=True, type=Path, help="embedding set file (.npz)")
+    d.add_argument("--cache", type=Path, default=None, help="segmentation cache folder (default: OUT.cache/)")
+    d.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
+    d.add_argument("--embeddings", choices=("mask", "bbox"), default="mask")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=run_dataset)
+
+    for name, helptext in (("train", "train with fixed hyper-parameters"), ("search", "hyper-parameter search")):
+        t = csub.add_parser(name, help=helptext)
+        t.add_argument("--data", required=True, type=Path, help="embedding set from `classifier dataset`")
+        t.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+        t.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out for validation")
+        t.add_argument("--val-groups", type=Path, default=None, help="file: one image/slide id per line for validation")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--class-balance", choices=("none", "loss_weights", "sampler"), default="none")
+        t.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+        if name == "train":
+            t.add_argument("--hidden", type=int, default=256, choices=(128, 256, 512))
+            t.add_argument("--lr", type=float, default=1e-3)
+            t.add_argument("--weight-decay", type=float, default=1e-4)
+            t.add_argument("--schedule", choices=("constant", "exponential"), default="constant")
+            t.add_argument("--epochs", type=positive_int, default=50)
+            t.set_defaults(func=run_train)
+        else:
+            t.add_argument("--trials", type=positive_int, default=100)
+            t.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+            t.add_argument("--storage", type=Path, default=None, help="SQLite file: resumable study")
+            t.add_argument("--study-name", default="cytoken-classifier")
+            t.set_defaults(func=run_search)
+
+    e = csub.add_parser("evaluate", help="per-class P/R/F1, macro/weighted F1, AUROC, confusion matrix")
+    e.add_argument("--bundle", required=True, type=Path)
+    e.add_argument("--data", required=True, type=Path, help="embedding set to score (e.g. a test split)")
+    e.add_argument("--out", type=Path, default=None, help="folder for report.json and confusion.png")
+    e.set_defaults(func=run_evaluate)
+
+    a = csub.add_parser("apply", help="re-label existing segment outputs from their stored embeddings")
+    a.add_argument("outputs", nargs="+", type=Path, help="cytoken segment output folders (DIR/<stem>)")
+    a.add_argument("--bundle", required=True, type=Path)
+    a.set_defaults(func=run_apply)
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    """Build an embedding set."""
+    from cytoken.io.datasets import open_dataset
+    from cytoken.pipeline.classifier import build_embedding_set, save_embedding_set
+    from cytoken.pipeline.image import SegmentConfig
+    from cytoken.pipeline.predictor import Predictor
+    from cytoken.types import CytokenError
+
+    kw = {"mpp": args.mpp} if (args.mpp and args.dataset == "folder") else {}
+    try:
+        ds = open_dataset(args.dataset, args.data_root, split=args.split, **kw) if args.split else \
+            open_dataset(args.dataset, args.data_root, **kw)  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        raise CytokenError(str(exc)) from None
+    model, info = load_model_or_fail(args.model)
+    cache = args.cache or args.out.with_suffix(".cache")
+    seg = SegmentConfig(embeddings=args.embeddings)
+    cells, report = build_embedding_set(
+        ds, Predictor(model), info, mpp=args.mpp, cache_dir=cache, limit=args.limit, config=seg, progress=not args.quiet
+    )
+    save_embedding_set(cells, args.out, model_sha256=info.sha256, report=report)
+    counts = {n: int((cells.labels == i).sum()) for i, n in enumerate(cells.class_names)}
+    print(f"{report['n_matched']} of {report['n_labels']} labels matched a detected cell "
+          f"({report['match_rate']:.1%}); {len(cells.labels)} cells: {counts} -> {args.out}")  # fmt: skip
+    return 0
+
+
+def _split(args: argparse.Namespace):
+    import numpy as np
+
+    from cytoken.classify.dataset import read_split_file, split_by_group
+    from cytoken.pipeline.classifier import load_embedding_set
+    from cytoken.types import CytokenError
+
+    cells, meta = load_embedding_set(args.data)
+    cells.check()
+    if args.val_groups:
+        val = set(read_split_file(args.val_groups))
+        mask = np.isin(cells.groups, list(val))
+        if not mask.any():
+            raise CytokenError(f"{args.val_groups}: none of its ids is a group of {args.data}")
+        return cells.subset(np.flatnonzero(~mask)), cells.subset(np.flatnonzero(mask)), meta
+    s = split_by_group(cells.groups, val_fraction=args.val_fraction, seed=args.seed)
+    return cells.subset(s.train), cells.subset(s.val), meta
+
+
+def _save(args: argparse.Namespace, trained, train, val, meta, extra: dict | None = None) -> None:
+    from cytoken.classify import evaluate, save_bundle
+
+    report = evaluate(val.labels, trained.predict_proba(val.embeddings), val.class_names)
+    metrics = {"validation": report.to_dict(), "n_train": len(train.labels), "n_val": len(val.labels), **(extra or {})}
+    save_bundle(args.out, trained, class_names=train.class_names, metrics=metrics,
+                embedding_model_sha256=meta["model_sha256"], embedding_dim=train.embeddings.shape[1],
+                overwrite=args.overwrite)  # fmt: skip
+    print(f"validation: macro AUROC {report.macro_auroc:.4f}, macro F1 {report.macro_f1:.4f}, "
+          f"weighted F1 {report.weighted_f1:.4f}, accuracy {report.accuracy:.4f} -> {args.out}")  # fmt: skip
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train with fixed hyper-parameters."""
+    from cytoken.classify import TrainConfig, train_classifier
+
+    train, val, meta = _split(args)
+    cfg = TrainConfig(hidden=args.hidden, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                      epochs=args.epochs, class_balance=args.class_balance, seed=args.seed)  # fmt: skip
+    trained = train_classifier(train.embeddings, train.labels, val.embeddings, val.labels, cfg,
+                               num_classes=len(train.class_names), class_names=train.class_names)  # fmt: skip
+    _save(args, trained, train, val, meta)
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Hyper-parameter search (Optuna), then retrain the best configuration in float32."""
+    from dataclasses import replace
+
+    from cytoken.classify import TrainConfig, search, train_classifier
+
+    train, val, meta = _split(args)
+    res = search(train.embeddings, train.labels, val.embeddings, val.labels, n_trials=args.trials,
+                 sampler=args.sampler, storage=args.storage, study_name=args.study_name, seed=args.seed,
+                 base_config=TrainConfig(class_balance=args.class_balance, seed=args.seed),
+                 num_classes=len(train.class_names))  # fmt: skip
+    print(f"{res.n_new} new trials in {res.wall_time_s:.1f}s ({res.trials_per_s:.2f}/s); best val AUROC "
+          f"{res.best_value:.4f} with {res.best_params}")  # fmt: skip
+    best = replace(res.best_config, seed=args.seed)
+    trained = train_classifier(train.embeddings, train.labels, val.embeddings, val.labels, best,
+                               num_classes=len(train.class_names), class_names=train.class_names)  # fmt: skip
+    _save(args, trained, train, val, meta, {"search": res.to_dict()})
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Score a bundle on an embedding set."""
+    from cytoken.classify import check_compatible, evaluate, load_bundle, plot_confusion
+    from cytoken.io.atomic import atomic_write_text
+    from cytoken.pipeline.classifier import load_embedding_set
+    from cytoken.types import CytokenError
+
+    bundle = load_bundle(args.bundle)
+    cells, meta = load_embedding_set(args.data)
+    check_compatible(bundle, meta.get("model_sha256"), cells.embeddings.shape[1])
+    if tuple(cells.class_names) != tuple(bundle.class_names):
+        raise CytokenError(f"{args.data} has classes {list(cells.class_names)}, the bundle {list(bundle.class_names)}")
+    report = evaluate(cells.labels, bundle.predict_proba(cells.embeddings), cells.class_names)
+    print(f"{'class':<20}{'precision':>10}{'recall':>10}{'F1':>10}{'AUROC':>10}{'n':>8}")
+    for i, name in enumerate(report.class_names):
+        print(f"{name:<20}{report.precision[i]:>10.4f}{report.recall[i]:>10.4f}{report.f1[i]:>10.4f}"
+              f"{report.auroc[i]:>10.4f}{int(report.support[i]):>8}")  # fmt: skip
+    print(f"macro F1 {report.macro_f1:.4f}  weighted F1 {report.weighted_f1:.4f}  accuracy {report.accuracy:.4f}  "
+          f"macro AUROC {report.macro_auroc:.4f}")  # fmt: skip
+    print("confusion (rows true, columns predicted):")
+    for i, name in enumerate(report.class_names):
+        print(f"  {name:<18}" + " ".join(f"{int(v):>6}" for v in report.confusion[i]))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "report.json", json.dumps(report.to_dict(), indent=2, default=float))
+        plot_confusion(report.confusion, list(report.class_names), args.out / "confusion.png")
+        print(f"-> {args.out}/report.json, confusion.png")
+    return 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    """Re-label existing outputs."""
+    from cytoken.classify import load_bundle
+    from cytoken.pipeline.classifier import apply_bundle
+
+    bundle = load_bundle(args.bundle)
+    for folder in args.outputs:
+        s = apply_bundle(folder, bundle)
+        print(f"{folder}: {s['cells']} cells re-labelled: {s['cells_per_class']}")
+    return 0

@@ -1,0 +1,69 @@
+"""Labels without a pathologist: immunofluorescence (IF) registered to H&E, thresholded, turned into per-cell labels.
+
+Workflow (layer 3; imports types, io, metrics and postprocess only):
+
+* :func:`register` / :class:`Registration`: IF nuclear channel (DAPI) to H&E hematoxylin, rigid/affine then B-spline
+  (SimpleITK, optional extra ``labeling``), with a quality report and a guard against failed registrations;
+  :func:`register_tiled` for large images (overview + per-tile refinement).
+* :func:`threshold_marker`: background subtraction, Otsu/triangle/percentile/fixed threshold, cleanup, refusal of
+  empty or all-positive masks.
+* :func:`label_cells`: overlap fraction of each cell with the marker mask, positive at >= 15 % by default, an optional
+  ambiguity band, a Parquet/CSV label table and a QC overlay.
+* :func:`label_from_if` / :func:`write_outputs`: the chain in one call.
+* :func:`synthesize_if`: a synthetic IF image of an annotated H&E tile under a known deformation (for validation).
+"""
+
+from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
+from cytoken.labeling.quality import RegistrationQuality, detect_nuclei, match_points, normalized_mutual_information
+from cytoken.labeling.registration import (
+    Registration,
+    RegistrationConfig,
+    check_registration,
+    hematoxylin,
+    register,
+)
+from cytoken.labeling.synthetic import KnownWarp, SyntheticIF, synthesize_if
+from cytoken.labeling.threshold import (
+    MarkerMask,
+    ThresholdConfig,
+    compute_threshold,
+    marker_signal,
+    save_mask_png,
+    subtract_background,
+    threshold_marker,
+)
+from cytoken.labeling.tiled import TiledRegistration, register_tiled, tile_grid
+from cytoken.labeling.workflow import IFLabelResult, label_from_if, write_outputs
+
+__all__ = [
+    "CellLabelConfig",
+    "CellLabels",
+    "IFLabelResult",
+    "KnownWarp",
+    "MarkerMask",
+    "Registration",
+    "RegistrationConfig",
+    "RegistrationQuality",
+    "SyntheticIF",
+    "ThresholdConfig",
+    "TiledRegistration",
+    "check_registration",
+    "compute_threshold",
+    "detect_nuclei",
+    "hematoxylin",
+    "label_cells",
+    "label_from_if",
+    "marker_signal",
+    "match_points",
+    "normalized_mutual_information",
+    "qc_overlay",
+    "rasterize_cells",
+    "register",
+    "register_tiled",
+    "save_mask_png",
+    "subtract_background",
+    "synthesize_if",
+    "threshold_marker",
+    "tile_grid",
+    "write_outputs",
+]

@@ -1,0 +1,594 @@
+"""Register an immunofluorescence (IF) image to an H&E image of the same tissue, nucleus channel to hematoxylin.
+
+Both images are first brought to a common µm/px (the working grid, by default the coarser of the two): the
+hematoxylin channel of the H&E (colour deconvolution, :func:`skimage.color.rgb2hed`) and the nuclear IF channel
+(DAPI), each clipped to its 1st-99.5th percentile and scaled to [0, 1]. Registration (SimpleITK) then runs on that
+pair in physical units (µm), in three stages over an image pyramid:
+
+1. translation from phase correlation (:func:`skimage.registration.phase_cross_correlation`), unless an initial
+   transform is given;
+2. a rigid (rotation + translation) or affine transform maximising Mattes mutual information;
+3. a cubic B-spline deformation (control points every ``bspline_grid_um``) on top of it, L-BFGS-B.
+
+The result maps H&E physical coordinates (µm from the centre of H&E pixel (0, 0)) to IF physical coordinates (µm
+from the centre of IF pixel (0, 0)), so it does not depend on the working grid and applies at full resolution:
+:meth:`Registration.warp_if_to_he` resamples the IF image onto the H&E pixel grid.
+
+Quality (:class:`~cytoken.labeling.quality.RegistrationQuality`): normalised mutual information and the median
+nucleus-centroid residual (nuclei detected separately in the hematoxylin channel and the registered DAPI, paired by
+mutual nearest neighbours within ``match_radius_um``), each before (identity in µm) and after registration. When
+the residual after registration exceeds ``max_residual_px`` H&E pixels or too few nuclei pair up, :func:`register`
+raises :class:`~cytoken.types.CytokenError` with the measured numbers: the images do not overlap or did not align.
+
+SimpleITK is an optional dependency (``pip install 'cytoken[labeling]'``), imported only when needed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cytoken.io.atomic import atomic_write_text
+from cytoken.io.ifimage import IFImage
+from cytoken.labeling.quality import (
+    RegistrationQuality,
+    detect_nuclei,
+    match_points,
+    normalized_mutual_information,
+)
+from cytoken.types import CytokenError, validate_mpp
+
+__all__ = ["Registration", "RegistrationConfig", "check_registration", "hematoxylin", "register"]
+
+_FORMAT = "cytoken.registration/1"
+
+
+def _sitk() -> Any:
+    try:
+        import SimpleITK as sitk
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CytokenError(
+            "IF-to-H&E registration needs SimpleITK: pip install 'cytoken[labeling]' (or pip install SimpleITK)"
+        ) from exc
+    return sitk
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Settings of :func:`register`.
+
+    Attributes:
+        nuclear_channel: IF channel with the nuclear stain (name, case-insensitive, or index).
+        working_mpp: µm/px of the grid registration runs on; None = the coarser of the H&E and IF µm/px.
+        linear: ``"rigid"`` (rotation + translation) or ``"affine"`` (rigid first, then a full affine refinement).
+        bspline_grid_um: B-spline control-point spacing in µm; None skips the non-rigid stage.
+        levels: pyramid levels (shrink factors 2**k, reduced while the smallest level would be under 48 px).
+        iterations: maximum optimiser iterations of the linear stage per level.
+        bspline_iterations: maximum L-BFGS-B iterations of the B-spline stage per level.
+        bspline_levels: pyramid levels of the B-spline stage.
+        bspline_tolerance_factor: L-BFGS-B stops when the relative cost reduction is below this times machine
+            epsilon (1e12 loose, 1e7 moderate, 10 tight).
+        final_smoothing_px: Gaussian smoothing (working-grid pixels) at the finest pyramid level.
+        histogram_bins: Mattes mutual-information histogram bins.
+        metric: ``"mattes"`` (mutual information) or ``"correlation"`` (normalised cross-correlation, for stains
+            whose intensities rise together, as hematoxylin and DAPI do).
+        sampling_fraction: fraction of working-grid pixels sampled by the metric (random, seeded).
+        initial_translation: ``"phase"`` (phase correlation) or ``"none"`` (start from the identity in µm).
+        nucleus_radius_um: typical nucleus radius for the quality check's blob detection.
+        nucleus_detection: ``"peaks"`` (maxima of the smoothed image) or ``"blobs"`` (centroids of thresholded,
+            watershed-split blobs), see :func:`~cytoken.labeling.quality.detect_nuclei`.
+        match_radius_um: largest distance between two nuclei paired by the quality check.
+        max_residual_px: largest accepted median nucleus residual after registration, in H&E pixels.
+        min_matched_fraction: smallest accepted fraction of nuclei that pair up after registration.
+        min_nuclei: fewest hematoxylin nuclei needed to judge the result (fewer raises ``CytokenError``).
+        check: apply the ``max_residual_px`` / ``min_matched_fraction`` / ``min_nuclei`` guard.
+        seed: seed of the metric sampling (>= 0; results are reproducible for a fixed seed and ``threads``).
+        threads: SimpleITK threads (None = SimpleITK's default).
+    """
+
+    nuclear_channel: str | int = "DAPI"
+    working_mpp: float | None = None
+    linear: Literal["rigid", "affine"] = "rigid"
+    bspline_grid_um: float | None = 32.0
+    levels: int = 3
+    iterations: int = 200
+    bspline_iterations: int = 100
+    bspline_levels: int = 2
+    bspline_tolerance_factor: float = 1e7
+    final_smoothing_px: float = 0.0
+    histogram_bins: int = 32
+    metric: Literal["mattes", "correlation"] = "mattes"
+    sampling_fraction: float = 0.5
+    initial_translation: Literal["phase", "none"] = "phase"
+    nucleus_radius_um: float = 2.0
+    nucleus_detection: Literal["peaks", "blobs"] = "blobs"
+    match_radius_um: float = 2.0
+    max_residual_px: float = 4.0
+    min_matched_fraction: float = 0.4
+    min_nuclei: int = 5
+    check: bool = True
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.working_mpp is not None:
+            validate_mpp(self.working_mpp, source="RegistrationConfig.working_mpp")
+        if self.linear not in ("rigid", "affine"):
+            raise ValueError(f"RegistrationConfig.linear must be 'rigid' or 'affine', got {self.linear!r}")
+        if self.metric not in ("mattes", "correlation"):
+            raise ValueError(f"RegistrationConfig.metric must be 'mattes' or 'correlation', got {self.metric!r}")
+        if self.seed < 0:
+            raise ValueError(f"RegistrationConfig.seed must be >= 0, got {self.seed}")
+        if self.initial_translation not in ("phase", "none"):
+            raise ValueError(
+                f"RegistrationConfig.initial_translation must be 'phase' or 'none', got {self.initial_translation!r}"
+            )
+        if self.bspline_grid_um is not None and self.bspline_grid_um <= 0:
+            raise ValueError(f"RegistrationConfig.bspline_grid_um must be > 0 or None, got {self.bspline_grid_um}")
+        if not 0 < self.sampling_fraction <= 1:
+            raise ValueError(f"RegistrationConfig.sampling_fraction must be in (0, 1], got {self.sampling_fraction}")
+        for name in ("levels", "bspline_levels", "iterations", "bspline_iterations", "histogram_bins"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RegistrationConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("nucleus_radius_um", "match_radius_um", "max_residual_px"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"RegistrationConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.min_matched_fraction <= 1:
+            raise ValueError(
+                f"RegistrationConfig.min_matched_fraction must be in [0, 1], got {self.min_matched_fraction}"
+            )
+
+
+def hematoxylin(rgb: np.ndarray) -> np.ndarray:
+    """Hematoxylin optical density of an RGB H&E image (colour deconvolution, Ruifrok & Johnston).
+
+    Example:
+        >>> rgb = np.full((4, 4, 3), 255, np.uint8); rgb[1, 1] = (60, 40, 140)
+        >>> h = hematoxylin(rgb); bool(h[1, 1] > h[0, 0])
+        True
+    """
+    from skimage.color import rgb2hed
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"hematoxylin expects an (H, W, 3) RGB image, got shape {rgb.shape}")
+    return rgb2hed(rgb[..., :3])[..., 0].astype(np.float32)
+
+
+def _normalise(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, np.float32)
+    lo, hi = np.percentile(img, [1.0, 99.5])
+    if hi <= lo:
+        return np.zeros_like(img)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _resample_to(img: np.ndarray, mpp: float, target_mpp: float, origin_px: tuple[float, float]) -> tuple:
+    """Area/linear resize to ``target_mpp``; returns (array, spacing (sx, sy), physical origin (ox, oy))."""
+    import cv2
+
+    h, w = img.shape
+    scale = mpp / target_mpp
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) == (h, w):
+        out = img.astype(np.float32)
+    else:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        out = cv2.resize(img.astype(np.float32), (nw, nh), interpolation=interp)
+    sx, sy = mpp * w / nw, mpp * h / nh
+    # centre of new pixel 0 = centre of its footprint in the old grid
+    ox = origin_px[0] * mpp + 0.5 * sx - 0.5 * mpp
+    oy = origin_px[1] * mpp + 0.5 * sy - 0.5 * mpp
+    return out, (sx, sy), (ox, oy)
+
+
+def _to_sitk(arr: np.ndarray, spacing: tuple[float, float], origin: tuple[float, float]) -> Any:
+    sitk = _sitk()
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr, np.float32))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    return img
+
+
+def _shrink_factors(shape: tuple[int, int], levels: int) -> tuple[list[int], list[float]]:
+    n = max(1, levels)
+    while n > 1 and min(shape) / 2 ** (n - 1) < 48:
+        n -= 1
+    shrink = [2**k for k in range(n - 1, -1, -1)]
+    return shrink, [float(s) / 2 if s > 1 else 0.0 for s in shrink]
+
+
+def _phase_translation(fixed: Any, moving: Any) -> tuple[float, float]:
+    """Physical translation t with fixed point x ~ moving point x + t, from phase correlation on the working grid."""
+    from skimage.registration import phase_cross_correlation
+
+    sitk = _sitk()
+    a = sitk.GetArrayViewFromImage(fixed)
+    b = sitk.GetArrayViewFromImage(moving)
+    shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    pa = np.zeros(shape, np.float32)
+    pb = np.zeros(shape, np.float32)
+    pa[: a.shape[0], : a.shape[1]] = a - a.mean()
+    pb[: b.shape[0], : b.shape[1]] = b - b.mean()
+    shift, _, _ = phase_cross_correlation(pa, pb, normalization=None, upsample_factor=4)
+    sx, sy = fixed.GetSpacing()
+    ofx, ofy = fixed.GetOrigin()
+    omx, omy = moving.GetOrigin()
+    return (float(omx - ofx - shift[1] * sx), float(omy - ofy - shift[0] * sy))
+
+
+def _method(cfg: RegistrationConfig, fixed: Any, iterations: int, *, bspline: bool) -> Any:
+    sitk = _sitk()
+    reg = sitk.ImageRegistrationMethod()
+    if cfg.metric == "correlation":
+        reg.SetMetricAsCorrelation()
+    else:
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=cfg.histogram_bins)
+    if cfg.sampling_fraction < 1:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(cfg.sampling_fraction, cfg.seed + 1)  # seed 0 means "wall clock" in ITK
+    reg.SetInterpolator(sitk.sitkLinear)
+    shrink, sigmas = _shrink_factors(fixed.GetSize()[::-1], cfg.bspline_levels if bspline else cfg.levels)
+    sigmas[-1] = cfg.final_smoothing_px
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel(sigmas)
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    if cfg.threads is not None:
+        reg.SetNumberOfThreads(int(cfg.threads))
+    if bspline:
+        reg.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=1e-5,
+            numberOfIterations=iterations,
+            maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=4 * iterations,
+            costFunctionConvergenceFactor=cfg.bspline_tolerance_factor,
+        )
+    else:
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
+        )
+        reg.SetOptimizerScalesFromPhysicalShift()
+    return reg
+
+
+def _centre(img: Any) -> tuple[float, float]:
+    size = img.GetSize()
+    return img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in size])
+
+
+def _run_linear(cfg: RegistrationConfig, fixed: Any, moving: Any, initial: Any | None) -> Any:
+    sitk = _sitk()
+    euler = sitk.Euler2DTransform()
+    euler.SetCenter(_centre(fixed))
+    reg = _method(cfg, fixed, cfg.iterations, bspline=False)
+    if initial is not None:
+        reg.SetMovingInitialTransform(initial)
+    elif cfg.initial_translation == "phase":
+        euler.SetTranslation(_phase_translation(fixed, moving))
+    reg.SetInitialTransform(euler, inPlace=True)
+    reg.Execute(fixed, moving)
+    result: Any = sitk.Euler2DTransform(euler)
+    if cfg.linear == "affine":
+        affine = sitk.AffineTransform(2)
+        affine.SetCenter(euler.GetCenter())
+        affine.SetMatrix(euler.GetMatrix())
+        affine.SetTranslation(euler.GetTranslation())
+        reg = _method(cfg, fixed, cfg.iterations, bspline=False)
+        if initial is not None:
+            reg.SetMovingInitialTransform(initial)
+        reg.SetInitialTransform(affine, inPlace=True)
+        reg.Execute(fixed, moving)
+        result = sitk.AffineTransform(affine)
+    if initial is not None:
+        return sitk.CompositeTransform([initial, result])
+    return result
+
+
+def _run_bspline(cfg: RegistrationConfig, fixed: Any, moving: Any, linear: Any, grid_um: float) -> Any:
+    sitk = _sitk()
+    size = fixed.GetSize()
+    spacing = fixed.GetSpacing()
+    mesh = [max(1, round(n * s / grid_um)) for n, s in zip(size, spacing)]
+    bsp = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    reg = _method(cfg, fixed, cfg.bspline_iterations, bspline=True)
+    reg.SetMovingInitialTransform(linear)
+    reg.SetInitialTransform(bsp, inPlace=True)
+    reg.Execute(fixed, moving)
+    return sitk.CompositeTransform([linear, bsp])
+
+
+@dataclass
+class Registration:
+    """A fitted IF-to-H&E mapping and its quality.
+
+    Attributes:
+        transform: SimpleITK transform from H&E physical coordinates (µm) to IF physical coordinates (µm).
+        he_shape: (H, W) of the H&E grid the IF image is resampled onto.
+        he_mpp: µm/px of the H&E grid.
+        if_mpp: µm/px of the IF image.
+        he_origin_px: (x, y) of H&E pixel (0, 0) in the full H&E image (non-zero for a tile of a slide).
+        nuclear_channel: the IF channel that was registered.
+        quality: measures before and after registration (None for a transform built by hand).
+    """
+
+    transform: Any
+    he_shape: tuple[int, int]
+    he_mpp: float
+    if_mpp: float
+    he_origin_px: tuple[float, float] = (0.0, 0.0)
+    nuclear_channel: str = "DAPI"
+    quality: RegistrationQuality | None = None
+
+    # ------------------------------------------------------------------ geometry
+    def if_coordinates(self) -> tuple[np.ndarray, np.ndarray]:
+        """IF pixel coordinates (x, y) of the centre of every H&E grid pixel, each (H, W) float32.
+
+        Example:
+            >>> import SimpleITK as sitk  # doctest: +SKIP
+            >>> reg = Registration(sitk.Transform(2, sitk.sitkIdentity), (2, 2), 0.25, 0.5)  # doctest: +SKIP
+            >>> reg.if_coordinates()[0].tolist()  # doctest: +SKIP
+            [[0.0, 0.5], [0.0, 0.5]]
+        """
+        sitk = _sitk()
+        h, w = self.he_shape
+        origin = (self.he_origin_px[0] * self.he_mpp, self.he_origin_px[1] * self.he_mpp)
+        field = sitk.TransformToDisplacementField(
+            self.transform, sitk.sitkVectorFloat64, [w, h], origin, [self.he_mpp, self.he_mpp], [1, 0, 0, 1]
+        )
+        disp = sitk.GetArrayFromImage(field)  # (H, W, 2) physical (dx, dy)
+        xs = origin[0] + np.arange(w) * self.he_mpp
+        ys = origin[1] + np.arange(h) * self.he_mpp
+        mx = ((xs[None, :] + disp[..., 0]) / self.if_mpp).astype(np.float32)
+        my = ((ys[:, None] + disp[..., 1]) / self.if_mpp).astype(np.float32)
+        return mx, my
+
+    def transform_points(self, xy: np.ndarray) -> np.ndarray:
+        """Map (N, 2) H&E pixel coordinates (x, y, relative to this grid) to IF pixel coordinates."""
+        pts = np.asarray(xy, np.float64).reshape(-1, 2)
+        off = np.asarray(self.he_origin_px, np.float64)
+        out = np.empty_like(pts)
+        for i, p in enumerate((pts + off) * self.he_mpp):
+            out[i] = self.transform.TransformPoint((float(p[0]), float(p[1])))
+        return out / self.if_mpp
+
+    def overlap_mask(self, if_shape: tuple[int, int], *, if_origin_px: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """Boolean (H, W) mask of the H&E pixels that map inside an IF image of shape ``if_shape``.
+
+        Args:
+            if_shape: (H, W) of the IF image.
+            if_origin_px: (x, y) of that image's pixel (0, 0) in the full IF image, when it is a crop.
+        """
+        mx, my = self.if_coordinates()
+        mx -= np.float32(if_origin_px[0])
+        my -= np.float32(if_origin_px[1])
+        h, w = if_shape
+        return (mx >= -0.5) & (mx <= w - 0.5) & (my >= -0.5) & (my <= h - 0.5)
+
+    def warp_if_to_he(
+        self, if_image: IFImage, *, fill_value: float = 0.0, if_origin_px: tuple[float, float] = (0.0, 0.0)
+    ) -> IFImage:
+        """Resample every channel of the IF image onto the H&E pixel grid (bilinear).
+
+        Args:
+            if_image: the IF image (its ``mpp`` must match ``if_mpp``; None is taken as ``if_mpp``).
+            fill_value: value of H&E pixels that fall outside the IF image, i.e. outside the footprint of its
+                pixels (see :meth:`overlap_mask`); inside the outer half pixel the edge value is used.
+            if_origin_px: (x, y) of ``if_image`` pixel (0, 0) in the full IF image, when ``if_image`` is a crop.
+
+        Returns:
+            A float32 (C, H, W) :class:`IFImage` on the H&E grid, ``mpp = he_mpp``, same channel names.
+        """
+        import cv2
+
+        if if_image.mpp is not None and abs(if_image.mpp - self.if_mpp) > 1e-3 * self.if_mpp:
+            raise CytokenError(
+                f"IF image µm/px {if_image.mpp:g} differs from the registration's {self.if_mpp:g}; "
+                "warp the image the registration was fitted on (or one on the same grid)"
+            )
+        mx, my = self.if_coordinates()
+        mx -= np.float32(if_origin_px[0])
+        my -= np.float32(if_origin_px[1])
+        h, w = if_image.shape
+        outside = (mx < -0.5) | (mx > w - 0.5) | (my < -0.5) | (my > h - 0.5)  # same rule as overlap_mask
+        planes = []
+        for ch in if_image.data:
+            plane = cv2.remap(
+                np.asarray(ch, np.float32), mx, my, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            )
+            plane[outside] = fill_value
+            planes.append(plane)
+        return IFImage(
+            data=np.stack(planes),
+            channel_names=if_image.channel_names,
+            mpp=self.he_mpp,
+            path=if_image.path,
+            meta={**if_image.meta, "registered_to_he": True},
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the transform and its metadata as one JSON file (the ITK transform text embedded), atomically."""
+        sitk = _sitk()
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            tfm = Path(tmp) / "transform.tfm"
+            sitk.WriteTransform(self.transform, str(tfm))
+            text = tfm.read_text()
+        doc = {
+            "format": _FORMAT,
+            "he_shape": list(self.he_shape),
+            "he_mpp": self.he_mpp,
+            "if_mpp": self.if_mpp,
+            "he_origin_px": list(self.he_origin_px),
+            "nuclear_channel": self.nuclear_channel,
+            "quality": None if self.quality is None else self.quality.to_dict(),
+            "itk_transform": text,
+        }
+        return atomic_write_text(path, json.dumps(doc, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Registration:
+        """Read a registration written by :meth:`save`."""
+        sitk = _sitk()
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CytokenError(f"cannot read registration file {path}: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise CytokenError(f"{path} is not a cytoken registration file (expected format {_FORMAT!r})")
+        with tempfile.TemporaryDirectory() as tmp:
+            tfm = Path(tmp) / "transform.tfm"
+            tfm.write_text(doc["itk_transform"])
+            transform = sitk.ReadTransform(str(tfm))
+        quality = doc.get("quality")
+        return cls(
+            transform=transform,
+            he_shape=(int(doc["he_shape"][0]), int(doc["he_shape"][1])),
+            he_mpp=float(doc["he_mpp"]),
+            if_mpp=float(doc["if_mpp"]),
+            he_origin_px=(float(doc["he_origin_px"][0]), float(doc["he_origin_px"][1])),
+            nuclear_channel=str(doc["nuclear_channel"]),
+            quality=None if quality is None else RegistrationQuality(**quality),
+        )
+
+
+def _quality(cfg: RegistrationConfig, fixed: Any, moving: Any, transform: Any, he_mpp: float) -> RegistrationQuality:
+    sitk = _sitk()
+    ident = sitk.Transform(2, sitk.sitkIdentity)
+    ones = sitk.Image(moving.GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(moving)
+    fix = sitk.GetArrayFromImage(fixed)
+    spacing = float(np.mean(fixed.GetSpacing()))
+    radius_px = max(1.0, cfg.nucleus_radius_um / spacing)
+    results = {}
+    for key, tx in (("before", ident), ("after", transform)):
+        warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        cover = sitk.GetArrayFromImage(sitk.Resample(ones, fixed, tx, sitk.sitkNearestNeighbor, 0.0)) > 0.5
+        nmi = normalized_mutual_information(fix, warped, mask=cover) if cover.any() else 1.0
+        if cover.sum() > 16:
+            he_nuc = detect_nuclei(fix, radius_px, mask=cover, method=cfg.nucleus_detection)
+            if_nuc = detect_nuclei(warped, radius_px, mask=cover, method=cfg.nucleus_detection)
+        else:
+            he_nuc = if_nuc = np.zeros((0, 2))
+        match = match_points(he_nuc, if_nuc, cfg.match_radius_um / spacing)
+        results[key] = (nmi, match.median * spacing / he_mpp, len(he_nuc), len(if_nuc), len(match.distances), cover)
+    nmi_b, res_b, *_ = results["before"]
+    nmi_a, res_a, n_he, n_if, n_m, cover = results["after"]
+    denom = min(n_he, n_if)
+    return RegistrationQuality(
+        nmi_before=float(nmi_b),
+        nmi_after=float(nmi_a),
+        residual_px_before=float(res_b),
+        residual_px_after=float(res_a),
+        n_he_nuclei=int(n_he),
+        n_if_nuclei=int(n_if),
+        n_matched=int(n_m),
+        matched_fraction=float(n_m / denom) if denom else 0.0,
+        overlap_fraction=float(cover.mean()),
+    )
+
+
+def check_registration(q: RegistrationQuality, config: RegistrationConfig | None = None) -> None:
+    """Raise :class:`CytokenError` (with the numbers) when a registration's quality fails the config's guard.
+
+    The guard: at least ``min_nuclei`` hematoxylin nuclei, median residual <= ``max_residual_px`` and matched
+    fraction >= ``min_matched_fraction``. :func:`register` applies it when ``config.check`` is True.
+    """
+    cfg = config or RegistrationConfig()
+    stats = (
+        f"median nucleus residual {q.residual_px_after:.2f} H&E px (before {q.residual_px_before:.2f}), "
+        f"{q.n_matched} pairs of {q.n_he_nuclei} H&E / {q.n_if_nuclei} IF nuclei "
+        f"(matched fraction {q.matched_fraction:.2f}), NMI {q.nmi_before:.3f} -> {q.nmi_after:.3f}, "
+        f"overlap {q.overlap_fraction:.2f}"
+    )
+    if q.n_he_nuclei < cfg.min_nuclei:
+        raise CytokenError(
+            f"registration cannot be verified: {q.n_he_nuclei} nuclei found in the H&E overlap "
+            f"(min_nuclei={cfg.min_nuclei}); {stats}"
+        )
+    if not q.residual_px_after <= cfg.max_residual_px or q.matched_fraction < cfg.min_matched_fraction:
+        raise CytokenError(
+            f"registration failed (images do not overlap or did not align): {stats}; limits: "
+            f"max_residual_px={cfg.max_residual_px}, min_matched_fraction={cfg.min_matched_fraction}"
+        )
+
+
+def register(
+    he_rgb: np.ndarray,
+    if_image: IFImage,
+    *,
+    he_mpp: float,
+    config: RegistrationConfig | None = None,
+    initial: Registration | None = None,
+    he_origin_px: tuple[float, float] = (0.0, 0.0),
+    if_origin_px: tuple[float, float] = (0.0, 0.0),
+) -> Registration:
+    """Register an IF image (nuclear channel) to an RGB H&E image (hematoxylin).
+
+    Args:
+        he_rgb: (H, W, 3) uint8 RGB H&E image (or tile).
+        if_image: the IF image; ``if_image.mpp`` must be set.
+        he_mpp: µm/px of the H&E image.
+        config: settings; defaults to ``RegistrationConfig()``.
+        initial: a coarser registration to start from (e.g. from a slide overview); skips phase correlation.
+        he_origin_px: (x, y) of ``he_rgb`` pixel (0, 0) in the full H&E image (for tiles; H&E pixels).
+        if_origin_px: (x, y) of ``if_image`` pixel (0, 0) in the full IF image (for crops; IF pixels).
+
+    Returns:
+        The fitted :class:`Registration` (H&E µm to IF µm) with its quality report.
+
+    Raises:
+        CytokenError: SimpleITK missing, IF µm/px missing, nuclear channel not found, or (``config.check``) the
+            registration fails the residual / matched-fraction / nucleus-count guard (message has the numbers).
+
+    Example:
+        >>> if_img = read_if("if.ome.tif")  # doctest: +SKIP
+        >>> reg = register(he, if_img, he_mpp=0.25)  # doctest: +SKIP
+        >>> reg.warp_if_to_he(if_img).data.shape[1:] == he.shape[:2]  # doctest: +SKIP
+        True
+    """
+    sitk = _sitk()
+    cfg = config or RegistrationConfig()
+    he_mpp = validate_mpp(he_mpp, source="register(he_mpp=...)")
+    if if_image.mpp is None:
+        raise CytokenError("the IF image has no µm/px; pass mpp= to read_if or set IFImage.mpp")
+    if_mpp = float(if_image.mpp)
+    he_rgb = np.asarray(he_rgb)
+    if he_rgb.ndim != 3 or he_rgb.shape[2] < 3 or he_rgb.shape[0] < 8 or he_rgb.shape[1] < 8:
+        raise ValueError(f"register expects an (H, W, 3) RGB H&E image of at least 8 x 8, got {he_rgb.shape}")
+    ch = if_image.index(cfg.nuclear_channel)
+    work = cfg.working_mpp or max(he_mpp, if_mpp)
+
+    fix_arr, fsp, forg = _resample_to(_normalise(hematoxylin(he_rgb)), he_mpp, work, he_origin_px)
+    mov_arr, msp, morg = _resample_to(_normalise(if_image.data[ch]), if_mpp, work, if_origin_px)
+    fixed = _to_sitk(fix_arr, fsp, forg)
+    moving = _to_sitk(mov_arr, msp, morg)
+
+    init = None if initial is None else initial.transform
+    try:
+        transform = _run_linear(cfg, fixed, moving, init)
+        if cfg.bspline_grid_um is not None:
+            transform = _run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
+    except RuntimeError as exc:  # ITK raises RuntimeError, e.g. when no sample maps into the moving image
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        raise CytokenError(f"registration failed (the images do not overlap or did not align): {first}") from exc
+    if not isinstance(transform, sitk.CompositeTransform):
+        transform = sitk.CompositeTransform([transform])
+    quality = _quality(cfg, fixed, moving, transform, he_mpp)
+    if cfg.check:
+        check_registration(quality, cfg)
+    return Registration(
+        transform=transform,
+        he_shape=(int(he_rgb.shape[0]), int(he_rgb.shape[1])),
+        he_mpp=he_mpp,
+        if_mpp=if_mpp,
+        he_origin_px=(float(he_origin_px[0]), float(he_origin_px[1])),
+        nuclear_channel=if_image.channel_names[ch],
+        quality=quality,
+    )

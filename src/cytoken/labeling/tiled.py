@@ -1,0 +1,177 @@
+"""Registration of large images: a coarse overview registration, refined tile by tile.
+
+:func:`register_tiled` is the simple, documented version for images that fit in memory as arrays:
+
+1. **Overview**: the whole H&E and IF images are registered at ``overview_mpp`` (default 2 µm/px) with the linear
+   stage only (no B-spline, no nucleus guard: nuclei are not resolved at that scale). This captures the global
+   rotation/translation of the section.
+2. **Tiles**: the H&E grid is cut into non-overlapping ``tile_px`` tiles. For each tile, the IF region it maps to
+   under the overview transform (plus a ``margin_um`` border) is cropped, and the tile is registered at full
+   resolution starting from the overview transform (linear refinement + B-spline, with the nucleus-residual guard
+   of :class:`~cytoken.labeling.registration.RegistrationConfig`).
+3. A tile whose refinement fails (too few nuclei, residual over the limit) keeps the overview transform; its error
+   message is recorded in :attr:`TiledRegistration.errors`.
+
+Every per-tile transform maps global H&E µm to global IF µm, so tiles can be warped independently (there is no
+blending between tiles: a seam may show where neighbouring tiles' deformations differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cytoken.io.ifimage import IFImage
+from cytoken.labeling.registration import Registration, RegistrationConfig, register
+from cytoken.types import Bounds, CytokenError, validate_mpp
+
+__all__ = ["TiledRegistration", "register_tiled", "tile_grid"]
+
+
+def tile_grid(shape: tuple[int, int], tile_px: int) -> list[Bounds]:
+    """Non-overlapping tiles covering an (H, W) grid, row by row; edge tiles are smaller.
+
+    Example:
+        >>> [(b.x, b.y, b.width, b.height) for b in tile_grid((10, 20), 16)]
+        [(0, 0, 16, 10), (16, 0, 4, 10)]
+    """
+    if tile_px < 8:
+        raise ValueError(f"tile_px must be >= 8, got {tile_px}")
+    h, w = shape
+    return [
+        Bounds(x, y, min(tile_px, w - x), min(tile_px, h - y))
+        for y in range(0, h, tile_px)
+        for x in range(0, w, tile_px)
+    ]
+
+
+@dataclass
+class TiledRegistration:
+    """An overview registration and one refined registration per H&E tile.
+
+    Attributes:
+        overview: the coarse whole-image registration.
+        tiles: the H&E tiles (pixels of the full H&E grid).
+        registrations: per tile, the refined registration, or None when refinement failed.
+        errors: per tile, the error message of a failed refinement, else None.
+        he_shape: (H, W) of the full H&E grid.
+    """
+
+    overview: Registration
+    tiles: list[Bounds]
+    registrations: list[Registration | None]
+    errors: list[str | None]
+    he_shape: tuple[int, int]
+
+    def for_tile(self, i: int) -> Registration:
+        """The registration to use for tile ``i`` (the overview transform on that tile when refinement failed)."""
+        reg = self.registrations[i]
+        if reg is not None:
+            return reg
+        b = self.tiles[i]
+        return replace(self.overview, he_shape=(b.height, b.width), he_origin_px=(float(b.x), float(b.y)), quality=None)
+
+    def warp_if_to_he(self, if_image: IFImage, *, fill_value: float = 0.0) -> IFImage:
+        """Resample the IF image onto the full H&E grid, each tile with its own registration."""
+        h, w = self.he_shape
+        out = np.full((if_image.data.shape[0], h, w), fill_value, np.float32)
+        for i, b in enumerate(self.tiles):
+            part = self.for_tile(i).warp_if_to_he(if_image, fill_value=fill_value)
+            out[:, b.y : b.y1, b.x : b.x1] = part.data
+        return IFImage(
+            out, if_image.channel_names, mpp=self.overview.he_mpp, path=if_image.path, meta=dict(if_image.meta)
+        )
+
+    def overlap_mask(self, if_shape: tuple[int, int]) -> np.ndarray:
+        """(H, W) bool H&E pixels covered by the IF image, each tile with its own registration."""
+        out = np.zeros(self.he_shape, bool)
+        for i, b in enumerate(self.tiles):
+            out[b.y : b.y1, b.x : b.x1] = self.for_tile(i).overlap_mask(if_shape)
+        return out
+
+
+def _if_crop(reg: Registration, b: Bounds, if_shape: tuple[int, int], margin_um: float) -> tuple[int, int, int, int]:
+    """IF pixel box (x0, y0, x1, y1) that tile ``b`` maps to under ``reg``, grown by ``margin_um``."""
+    xs = np.linspace(b.x, b.x1 - 1, 9)
+    ys = np.linspace(b.y, b.y1 - 1, 9)
+    pts = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2) - np.asarray(reg.he_origin_px)
+    q = reg.transform_points(pts)
+    m = margin_um / reg.if_mpp
+    h, w = if_shape
+    x0 = int(np.clip(np.floor(q[:, 0].min() - m), 0, w))
+    x1 = int(np.clip(np.ceil(q[:, 0].max() + m) + 1, 0, w))
+    y0 = int(np.clip(np.floor(q[:, 1].min() - m), 0, h))
+    y1 = int(np.clip(np.ceil(q[:, 1].max() + m) + 1, 0, h))
+    return x0, y0, x1, y1
+
+
+def register_tiled(
+    he_rgb: np.ndarray,
+    if_image: IFImage,
+    *,
+    he_mpp: float,
+    tile_px: int = 1024,
+    overview_mpp: float = 2.0,
+    margin_um: float = 20.0,
+    config: RegistrationConfig | None = None,
+) -> TiledRegistration:
+    """Register a large IF image to a large H&E image: overview first, then per-tile refinement.
+
+    Args:
+        he_rgb: (H, W, 3) uint8 H&E (in memory).
+        if_image: the IF image with ``mpp`` set.
+        he_mpp: µm/px of the H&E.
+        tile_px: H&E tile size in pixels.
+        overview_mpp: µm/px of the overview registration (coarser than both images).
+        margin_um: border added around each tile's IF crop.
+        config: settings of the per-tile registrations (the overview uses the same with ``working_mpp =
+            overview_mpp``, no B-spline and no guard).
+
+    Returns:
+        The overview and per-tile registrations.
+
+    Raises:
+        CytokenError: the IF image has no µm/px, or SimpleITK is missing.
+
+    Example:
+        >>> tr = register_tiled(he, if_img, he_mpp=0.25, tile_px=1024)  # doctest: +SKIP
+        >>> warped = tr.warp_if_to_he(if_img)  # doctest: +SKIP
+    """
+    he_mpp = validate_mpp(he_mpp, source="register_tiled(he_mpp=...)")
+    overview_mpp = validate_mpp(overview_mpp, source="register_tiled(overview_mpp=...)")
+    if if_image.mpp is None:
+        raise CytokenError("the IF image has no µm/px; pass mpp= to read_if or set IFImage.mpp")
+    cfg = config or RegistrationConfig()
+    work = max(overview_mpp, he_mpp, if_image.mpp)
+    ov_cfg = replace(cfg, working_mpp=work, bspline_grid_um=None, check=False)
+    overview = register(he_rgb, if_image, he_mpp=he_mpp, config=ov_cfg)
+    tiles = tile_grid(he_rgb.shape[:2], tile_px)
+    regs: list[Registration | None] = []
+    errors: list[str | None] = []
+    for b in tiles:
+        x0, y0, x1, y1 = _if_crop(overview, b, if_image.shape, margin_um)
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            regs.append(None)
+            errors.append("tile maps outside the IF image")
+            continue
+        crop = IFImage(if_image.data[:, y0:y1, x0:x1], if_image.channel_names, mpp=if_image.mpp)
+        try:
+            reg = register(
+                he_rgb[b.y : b.y1, b.x : b.x1],
+                crop,
+                he_mpp=he_mpp,
+                config=cfg,
+                initial=overview,
+                he_origin_px=(b.x, b.y),
+                if_origin_px=(x0, y0),
+            )
+        except CytokenError as exc:
+            regs.append(None)
+            errors.append(str(exc))
+            continue
+        regs.append(reg)
+        errors.append(None)
+    return TiledRegistration(
+        overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(he_rgb.shape[0], he_rgb.shape[1])
+    )

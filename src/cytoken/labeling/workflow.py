@@ -1,0 +1,137 @@
+"""The IF labelling workflow in one call: register -> warp -> threshold -> label cells (and write the outputs).
+
+:func:`label_from_if` chains :func:`~cytoken.labeling.registration.register`,
+:meth:`~cytoken.labeling.registration.Registration.warp_if_to_he`,
+:func:`~cytoken.labeling.threshold.threshold_marker` (on the IF overlap only) and
+:func:`~cytoken.labeling.cell_labels.label_cells`. :func:`write_outputs` saves the registration, the marker mask,
+the label table and the QC overlay into one folder. A command-line wrapper only has to parse its arguments, read
+the H&E, the IF image and the cells, and call these two functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cytoken.io.ifimage import IFImage
+from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
+from cytoken.labeling.registration import Registration, RegistrationConfig, register
+from cytoken.labeling.threshold import MarkerMask, ThresholdConfig, save_mask_png, threshold_marker
+from cytoken.types import CellSet, CytokenError
+
+__all__ = ["IFLabelResult", "label_from_if", "write_outputs"]
+
+
+@dataclass
+class IFLabelResult:
+    """Everything :func:`label_from_if` computed.
+
+    Attributes:
+        registration: the IF-to-H&E registration (fitted or given).
+        warped: the IF image resampled onto the H&E grid (float32, all channels).
+        overlap: (H, W) bool H&E pixels covered by the IF image.
+        marker: the thresholded marker on the H&E grid.
+        labels: the per-cell label table.
+        cells: (H, W) instance map the labels refer to.
+    """
+
+    registration: Registration
+    warped: IFImage
+    overlap: np.ndarray
+    marker: MarkerMask
+    labels: CellLabels
+    cells: np.ndarray
+
+
+def label_from_if(
+    he_rgb: np.ndarray,
+    if_image: IFImage,
+    cells: np.ndarray | CellSet,
+    *,
+    he_mpp: float,
+    marker: str | int,
+    registration: Registration | None = None,
+    registration_config: RegistrationConfig | None = None,
+    threshold_config: ThresholdConfig | None = None,
+    label_config: CellLabelConfig | None = None,
+    cell_ids: np.ndarray | None = None,
+) -> IFLabelResult:
+    """Label H&E cells positive/negative for an IF marker.
+
+    Args:
+        he_rgb: (H, W, 3) uint8 H&E.
+        if_image: the IF image with its µm/px and a nuclear channel (``registration_config.nuclear_channel``).
+        cells: (H, W) instance map on the H&E grid, or a CellSet in H&E pixel coordinates.
+        he_mpp: µm/px of the H&E.
+        marker: the IF channel to threshold (name, case-insensitive, or index).
+        registration: a registration to reuse (e.g. :meth:`Registration.load`); None fits one.
+        registration_config: settings of the registration (ignored when ``registration`` is given).
+        threshold_config: settings of the marker threshold.
+        label_config: settings of the per-cell rules.
+        cell_ids: the cells to label (default: all).
+
+    Returns:
+        The result (registration, warped IF, overlap, marker mask, labels).
+
+    Raises:
+        CytokenError: a failed registration, an unknown channel, or an empty / all-positive marker mask.
+
+    Example:
+        >>> res = label_from_if(he, read_if("if.ome.tif"), inst_map, he_mpp=0.25, marker="CD45")  # doctest: +SKIP
+        >>> res.labels.counts()["positive"]  # doctest: +SKIP
+        42
+    """
+    he_rgb = np.asarray(he_rgb)
+    marker_idx = if_image.index(marker)
+    if registration is None:
+        registration = register(he_rgb, if_image, he_mpp=he_mpp, config=registration_config)
+    elif registration.he_shape != he_rgb.shape[:2]:
+        raise CytokenError(
+            f"the given registration is for an H&E grid of {registration.he_shape}, the H&E is {he_rgb.shape[:2]}"
+        )
+    warped = registration.warp_if_to_he(if_image)
+    overlap = registration.overlap_mask(if_image.shape)
+    mask = threshold_marker(warped.data[marker_idx], threshold_config, valid=overlap)
+    inst = rasterize_cells(cells, he_rgb.shape[:2]) if isinstance(cells, CellSet) else np.asarray(cells)
+    if cell_ids is None and isinstance(cells, CellSet):
+        cell_ids = cells.ids
+    labels = label_cells(
+        inst,
+        mask.mask,
+        cell_ids=cell_ids,
+        valid=overlap,
+        config=label_config,
+        marker=if_image.channel_names[marker_idx],
+    )
+    return IFLabelResult(
+        registration=registration, warped=warped, overlap=overlap, marker=mask, labels=labels, cells=inst
+    )
+
+
+def write_outputs(result: IFLabelResult, he_rgb: np.ndarray, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``registration.json``, ``marker_mask.png``, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
+
+    Args:
+        result: the output of :func:`label_from_if`.
+        he_rgb: the H&E the labels were computed on (for the QC overlay).
+        out_dir: folder to write into (created if missing).
+
+    Returns:
+        Name -> path of each file written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "registration": result.registration.save(out / "registration.json"),
+        "mask": save_mask_png(result.marker.mask, out / "marker_mask.png"),
+        "labels_parquet": result.labels.write(out / "labels.parquet"),
+        "labels_csv": result.labels.write(out / "labels.csv"),
+        "qc": _qc(result, he_rgb, out / "qc.png"),
+    }
+
+
+def _qc(result: IFLabelResult, he_rgb: np.ndarray, path: Path) -> Path:
+    qc_overlay(he_rgb, result.marker.mask, result.cells, result.labels, path)
+    return path

@@ -1,0 +1,151 @@
+"""The command line: a full run, every bad input of `segment` (one clear error, exit 2, no partial output), and the
+classifier workflow dataset -> train -> evaluate -> apply on real labelled data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cytoken.cli.main import main
+from cytoken.models import SegmenterConfig, build_segmenter, save_segmenter
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(encoder="vit_tiny_test", num_classes=2, class_names=["a", "b"], tile_size=128, overlap=32)
+    return save_segmenter(build_segmenter(cfg), tmp_path_factory.mktemp("m") / "tiny.safetensors")
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> Path:
+    p = tmp_path / "img.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("cytoken: error:")]
+    assert len(errors) == 1, err  # one error (its message may list details on following lines)
+    assert "Traceback" not in err
+    return err[err.index("cytoken: error:") :]
+
+
+def test_segment_writes_all_outputs(tmp_path: Path, image: Path, tiny_model: Path) -> None:
+    assert main(["segment", str(image), "--mpp", "0.25", "--out", str(tmp_path / "o"), "--model", str(tiny_model),
+                 "--quiet"]) == 0  # fmt: skip
+    out = tmp_path / "o" / "img"
+    for name in ("cells.geojson", "cells.json", "cell_detection.json", "cells.parquet", "overlay.png", "run.json"):
+        assert (out / name).is_file(), name
+    gj = json.loads((out / "cells.geojson").read_text())
+    assert gj["type"] == "FeatureCollection"
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["sha256"] and run["mpp"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("not_image", "not a readable image"),
+        ("truncated", "truncated|corrupt|cannot"),
+        ("tiny", "at least 32 px"),
+        ("unknown_model", "unknown model 'no-such-model'"),
+        ("wrong_arch", "do not fit|not a cytoken segmenter"),
+        ("bad_mpp", "outside the plausible range"),
+        ("negative_mpp", "positive"),
+        ("unwritable", "cannot|not a directory|exists"),
+        ("no_mpp", "--mpp"),
+    ],
+)
+def test_segment_bad_inputs(case: str, pattern: str, tmp_path: Path, image: Path, tiny_model: Path,
+                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    import re
+
+    out = tmp_path / "out"
+    argv = ["segment", str(image), "--mpp", "0.25", "--out", str(out), "--model", str(tiny_model), "--quiet"]
+    if case == "not_image":
+        bad = tmp_path / "notes.png"
+        bad.write_text("hello, I am text")
+        argv[1] = str(bad)
+    elif case == "truncated":
+        bad = tmp_path / "cut.png"
+        bad.write_bytes(image.read_bytes()[:400])
+        argv[1] = str(bad)
+    elif case == "tiny":
+        small = tmp_path / "small.png"
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(small)
+        argv[1] = str(small)
+    elif case == "unknown_model":
+        argv[argv.index("--model") + 1] = "no-such-model"
+    elif case == "wrong_arch":
+        from safetensors.torch import load_file, save_file
+
+        other = SegmenterConfig(encoder="vit_tiny_test", num_classes=5, tile_size=128, overlap=32)
+        save_file(load_file(str(tiny_model)), str(tmp_path / "w.safetensors"),
+                  metadata={"cytoken.segmenter_config": other.model_dump_json()})  # fmt: skip
+        argv[argv.index("--model") + 1] = str(tmp_path / "w.safetensors")
+    elif case == "bad_mpp":
+        argv[argv.index("--mpp") + 1] = "12"
+    elif case == "negative_mpp":
+        argv[argv.index("--mpp") + 1] = "-0.25"
+    elif case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        argv[argv.index("--out") + 1] = str(blocker / "sub")
+    elif case == "no_mpp":
+        argv.remove("--mpp")
+        argv.remove("0.25")
+    if case in ("bad_mpp", "negative_mpp"):  # argparse rejects it (exit 2) with its own one-line message
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert re.search(pattern, capsys.readouterr().err)
+        return
+    msg = _error(capsys, argv)
+    assert re.search(pattern, msg, re.IGNORECASE), msg
+    if out.exists():
+        assert not any(p.is_dir() and not p.name.startswith(".") for p in out.iterdir()), "partial output left"
+
+
+@needs_data
+def test_classifier_workflow_on_real_labels(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    """nucls_sample (CellViT++ detection layout, real labels): dataset -> train -> evaluate -> apply."""
+    root = SHARED / "nucls_sample"
+    data = tmp_path / "set.npz"
+    # the embedded default model (a random one finds no cells to label)
+    assert main(["classifier", "dataset", "--dataset", "cellvit", "--data-root", str(root), "--split", "train",
+                 "--model", "cytoken-default", "--mpp", "0.25", "--out", str(data), "--quiet"]) == 0  # fmt: skip
+    assert "labels matched" in capsys.readouterr().out
+    bundle = tmp_path / "bundle"
+    rc = main(["classifier", "train", "--data", str(data), "--out", str(bundle), "--epochs", "3", "--val-fraction",
+               "0.3"])  # fmt: skip
+    assert rc == 0 and (bundle / "weights.safetensors").is_file()
+    report = tmp_path / "r"
+    assert main(["classifier", "evaluate", "--bundle", str(bundle), "--data", str(data), "--out", str(report)]) == 0
+    assert (tmp_path / "r" / "confusion.png").is_file()
+    img = sorted((root / "train" / "images").glob("*.png"))[0]
+    assert main(["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    out = tmp_path / "o" / img.stem
+    assert main(["classifier", "apply", str(out), "--bundle", str(bundle)]) == 0
+    names = json.loads((bundle / "labels.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert run["classifier"]["bundle"] == str(bundle)
+    assert set(run["cells_per_class"]) <= set(names.get("class_names", names.get("names", [])) or run["class_names"])
+    # a bundle from another segmentation model is refused
+    torch.manual_seed(1)
+    same_width = SegmenterConfig(encoder="cytoken_s16", encoder_kwargs={"depth": 2}, tile_size=128, overlap=32)
+    other = save_segmenter(build_segmenter(same_width), tmp_path / "other.safetensors")  # 192-d, another sha256
+    msg = _error(capsys, ["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / "o2"), "--model", str(other),
+                          "--classifier", str(bundle), "--quiet"])  # fmt: skip
+    assert "retrain the classifier" in msg

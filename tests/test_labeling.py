@@ -1,0 +1,383 @@
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage as ndi
+
+from cytoken.io.ifimage import IFImage
+from cytoken.labeling import (
+    CellLabelConfig,
+    KnownWarp,
+    Registration,
+    RegistrationConfig,
+    ThresholdConfig,
+    compute_threshold,
+    label_cells,
+    label_from_if,
+    marker_signal,
+    qc_overlay,
+    rasterize_cells,
+    register,
+    save_mask_png,
+    subtract_background,
+    synthesize_if,
+    threshold_marker,
+    write_outputs,
+)
+from cytoken.labeling.cell_labels import COLORS
+from cytoken.types import CellSet, CytokenError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CONSEP = SHARED / "consep_patched" / "test"
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (cytoken[labeling]) not installed")
+
+HE_MPP, IF_MPP = 0.25, 0.5
+PROOF_TILES = ("test_13_005", "test_10_003")  # many / some inflammatory cells
+SIGNAL = ThresholdConfig(background="tophat", background_radius_px=40, smooth_sigma_px=1.0, min_object_px=20)
+
+
+# ---------------------------------------------------------------------------------------------- thresholding
+def test_otsu_threshold_two_levels():
+    img = np.zeros((20, 20))
+    img[5:10, 5:10] = 1.0
+    m = threshold_marker(img)
+    assert 0 <= m.threshold < 1
+    assert m.mask.sum() == 25 and m.mask[5:10, 5:10].all()
+    assert m.stats["positive_fraction"] == pytest.approx(25 / 400)
+
+
+def test_percentile_fixed_and_floor():
+    img = np.arange(100, dtype=float).reshape(10, 10)
+    assert threshold_marker(img, ThresholdConfig(method="percentile", value=90)).mask.sum() == 10
+    assert threshold_marker(img, ThresholdConfig(method="fixed", value=49.5)).mask.sum() == 50
+    # the floor wins over a lower data-driven threshold
+    floor = threshold_marker(img, ThresholdConfig(method="percentile", value=10, min_threshold=89.5))
+    assert floor.threshold == 89.5 and floor.mask.sum() == 10
+    assert compute_threshold(np.array([0.0, 0, 1, 1]), ThresholdConfig(method="triangle")) <= 1
+
+
+def test_empty_and_all_positive_masks_are_refused_with_stats():
+    img = np.arange(100, dtype=float).reshape(10, 10)
+    with pytest.raises(CytokenError, match=r"empty.*max=99"):
+        threshold_marker(img, ThresholdConfig(method="fixed", value=1000))
+    with pytest.raises(CytokenError, match=r"all positive.*positive_fraction=1"):
+        threshold_marker(img, ThresholdConfig(method="fixed", value=-1))
+    with pytest.raises(CytokenError, match="constant"):
+        threshold_marker(np.ones((5, 5)))
+    # an empty field is allowed when asked for (a slide-wide threshold applied to one field)
+    ok = threshold_marker(img, ThresholdConfig(method="fixed", value=1000, min_positive_px=0))
+    assert not ok.mask.any()
+
+
+def test_valid_mask_excludes_pixels_from_threshold_and_mask():
+    img = np.zeros((10, 10))
+    img[:, :5] = 100.0  # bright but outside the valid area
+    img[2:4, 6:8] = 10.0
+    valid = np.zeros((10, 10), bool)
+    valid[:, 5:] = True
+    m = threshold_marker(img, valid=valid)
+    assert not m.mask[:, :5].any()
+    assert m.mask[2:4, 6:8].all() and m.mask.sum() == 4
+    with pytest.raises(CytokenError, match="no valid pixels"):
+        threshold_marker(img, valid=np.zeros((10, 10), bool))
+
+
+def test_small_objects_removed_and_holes_filled():
+    img = np.zeros((30, 30))
+    img[2:12, 2:12] = 1.0
+    img[6, 6] = 0.0  # a one-pixel hole
+    img[20, 20] = 1.0  # a one-pixel speck
+    m = threshold_marker(img, ThresholdConfig(min_object_px=5, fill_holes_px=3))
+    assert not m.mask[20, 20]
+    assert m.mask[6, 6]
+    assert m.mask.sum() == 100
+
+
+def test_background_subtraction_removes_ramp():
+    ramp = np.tile(np.linspace(0, 50, 64), (64, 1))
+    img = ramp.copy()
+    img[30:34, 30:34] += 40
+    assert np.median(img) > 20
+    for method in ("tophat", "rolling_ball", "gaussian"):
+        out = subtract_background(img, method, 8)
+        assert out[31, 31] > 30, method
+        assert np.median(out) < 3, method
+    np.testing.assert_allclose(subtract_background(img, "none", 8), img, rtol=1e-6)
+
+
+def test_save_mask_png_atomic(tmp_path):
+    mask = np.zeros((5, 6), bool)
+    mask[1, 2] = True
+    p = save_mask_png(mask, tmp_path / "m.png")
+    arr = np.asarray(Image.open(p))
+    assert arr.dtype == np.uint8 and arr[1, 2] == 255 and arr.sum() == 255
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.png"]
+
+
+def test_threshold_config_validation():
+    with pytest.raises(ValueError, match="percentile"):
+        ThresholdConfig(method="percentile")
+    with pytest.raises(ValueError, match="method"):
+        ThresholdConfig(method="magic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="background"):
+        ThresholdConfig(background="blur")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- cell labels
+def _cells_4():
+    inst = np.zeros((10, 40), np.int32)
+    inst[:, 0:10] = 1
+    inst[:, 10:20] = 2
+    inst[:, 20:30] = 3
+    inst[:, 30:40] = 4
+    mask = np.zeros((10, 40), bool)
+    mask[:, 0:5] = True  # cell 1: 50 %
+    mask[:, 10:11] = True
+    mask[:5, 11] = True  # cell 2: 15 % exactly
+    mask[:, 20] = True  # cell 3: 10 %
+    return inst, mask  # cell 4: 0 %
+
+
+def test_label_cells_fractions_and_default_threshold():
+    inst, mask = _cells_4()
+    lab = label_cells(inst, mask, marker="CD45")
+    np.testing.assert_allclose(lab.overlap_fraction, [0.5, 0.15, 0.1, 0.0])
+    assert lab.label.tolist() == [1, 1, 0, 0]  # >= 0.15 is positive
+    assert lab.status.tolist() == ["positive", "positive", "negative", "negative"]
+    assert lab.kept.all()
+    assert lab.area_px.tolist() == [100] * 4
+
+
+def test_label_cells_negative_margin_band():
+    inst, mask = _cells_4()
+    cfg = CellLabelConfig(positive_fraction=0.2, negative_margin=0.1)
+    lab = label_cells(inst, mask, config=cfg)
+    # 0.5 positive; 0.15 and 0.10 are in [0.1, 0.2) and > 0 -> ambiguous; 0.0 never ambiguous
+    assert lab.status.tolist() == ["positive", "ambiguous", "ambiguous", "negative"]
+    assert lab.kept.tolist() == [True, False, False, True]
+    assert lab.label.tolist() == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match="negative_margin"):
+        CellLabelConfig(positive_fraction=0.15, negative_margin=0.2)
+
+
+def test_label_cells_coverage_missing_ids_and_order():
+    inst, mask = _cells_4()
+    valid = np.ones_like(mask)
+    valid[:, 30:37] = False  # cell 4 only 30 % covered
+    lab = label_cells(inst, mask, cell_ids=np.array([4, 1, 99]), valid=valid)
+    assert lab.ids.tolist() == [4, 1, 99]
+    assert lab.status.tolist() == ["no_coverage", "positive", "missing"]
+    assert lab.coverage[0] == pytest.approx(0.3)
+    assert np.isnan(lab.overlap_fraction[2])
+    assert lab.counts() == {"positive": 1, "negative": 0, "ambiguous": 0, "no_coverage": 1, "missing": 1}
+
+
+def test_label_cells_from_cellset_and_shape_mismatch():
+    square = np.array([[0.0, 0], [9, 0], [9, 9], [0, 9]])
+    cs = CellSet(
+        ids=[5, 6],
+        centroids=[[4.5, 4.5], [24.5, 4.5]],
+        bboxes=[[0, 0, 10, 10], [20, 0, 30, 10]],
+        contours=[square, square + np.array([20.0, 0.0])],
+        area_px=[100, 100],
+        class_ids=[0, 0],
+        class_probs=[np.nan, np.nan],
+        mpp=0.25,
+    )
+    raster = rasterize_cells(cs, (10, 40))
+    assert (raster == 5).sum() == 100 and (raster == 6).sum() == 100
+    mask = np.zeros((10, 40), bool)
+    mask[:, :10] = True
+    lab = label_cells(cs, mask)
+    assert lab.ids.tolist() == [5, 6] and lab.label.tolist() == [1, 0]
+    with pytest.raises(CytokenError, match="differs"):
+        label_cells(np.zeros((5, 5), np.int32), np.zeros((6, 6), bool))
+
+
+def test_label_table_writers_and_qc_overlay(tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    inst, mask = _cells_4()
+    lab = label_cells(inst, mask, marker="CD45", config=CellLabelConfig(negative_margin=0.1))
+    t = pq.read_table(lab.write(tmp_path / "labels.parquet"))
+    assert t.column_names == ["cell_id", "overlap_fraction", "label", "kept", "status", "area_px", "coverage", "marker"]
+    assert t.column("label").to_pylist() == [1, 1, 0, 0]
+    assert t.schema.metadata[b"cytoken.marker"] == b"CD45"
+    c = pacsv.read_csv(lab.write(tmp_path / "labels.csv"))
+    assert c.column("status").to_pylist() == ["positive", "positive", "ambiguous", "negative"]
+    with pytest.raises(ValueError, match="parquet"):
+        lab.write(tmp_path / "labels.txt")
+
+    he = np.full((10, 40, 3), 255, np.uint8)
+    rgb = qc_overlay(he, mask, inst, lab, tmp_path / "qc.png")
+    assert (tmp_path / "qc.png").exists()
+    assert tuple(rgb[5, 30]) == COLORS["negative"]  # left edge of cell 4
+    assert tuple(rgb[5, 29]) == COLORS["dropped"]  # right edge of cell 3, which is ambiguous
+    assert tuple(rgb[5, 9]) == COLORS["positive"]  # right edge of cell 1
+    assert tuple(rgb[0, 4]) == COLORS["marker"]  # marker contour drawn last
+    assert tuple(rgb[5, 5]) == (255, 255, 255)  # interior untouched
+
+
+# ---------------------------------------------------------------------------------------------- registration geometry
+def test_identity_registration_warp_geometry():
+    """H&E pixel x at 0.25 µm/px sits at IF pixel x/2 at 0.5 µm/px (pixel centres at 0)."""
+    ident = sitk.Transform(2, sitk.sitkIdentity)
+    reg = Registration(ident, he_shape=(4, 4), he_mpp=0.25, if_mpp=0.5)
+    mx, my = reg.if_coordinates()
+    np.testing.assert_allclose(mx[0], [0, 0.5, 1, 1.5])
+    np.testing.assert_allclose(my[:, 0], [0, 0.5, 1, 1.5])
+    img = IFImage(np.array([[[0.0, 10.0], [20.0, 30.0]]]), ("DAPI",), mpp=0.5)
+    out = reg.warp_if_to_he(img, fill_value=-1)
+    np.testing.assert_allclose(out.data[0, 0, :3], [0, 5, 10])
+    np.testing.assert_allclose(out.data[0, 2, 2], 30)
+    assert out.mpp == 0.25
+    assert out.data[0, 3, 3] == 30  # H&E pixel 3 -> IF 1.5, the outer edge of the last IF pixel
+    wide = Registration(ident, he_shape=(5, 5), he_mpp=0.25, if_mpp=0.5)
+    assert wide.overlap_mask((2, 2))[0].tolist() == [True, True, True, True, False]
+    np.testing.assert_allclose(reg.transform_points(np.array([[2.0, 1.0]])), [[1.0, 0.5]])
+
+
+def test_known_warp_is_exact_for_identity_parameters():
+    w = KnownWarp(0.0, (0.0, 0.0), (0.0, 0.0), np.zeros((0, 2)), np.zeros((0, 2)), 1.0)
+    he = np.array([[10.0, 20.0], [3.0, 4.0]])
+    assert np.allclose(w.error_px(he, he * HE_MPP / IF_MPP, he_mpp=HE_MPP, if_mpp=IF_MPP), 0)
+
+
+def test_register_requires_mpp_and_known_channel():
+    he = np.full((32, 32, 3), 200, np.uint8)
+    with pytest.raises(CytokenError, match="µm/px"):
+        register(he, IFImage(np.zeros((1, 16, 16)), ("DAPI",)), he_mpp=0.25)
+    with pytest.raises(CytokenError, match="available channels"):
+        register(he, IFImage(np.zeros((1, 16, 16)), ("Hoechst",), mpp=0.5), he_mpp=0.25)
+    with pytest.raises(ValueError, match="linear"):
+        RegistrationConfig(linear="similarity")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- proof on real tissue
+def _load(name: str):
+    he = np.asarray(Image.open(CONSEP / "images" / f"{name}.jpg").convert("RGB"))
+    inst = np.asarray(Image.open(CONSEP / "inst_maps" / f"{name}.png")).astype(np.int32)
+    types = np.asarray(Image.open(CONSEP / "type_maps" / f"{name}.png"))
+    ids = np.unique(inst[inst > 0])
+    truth = np.array([np.bincount(types[inst == i]).argmax() == 2 for i in ids])
+    return he, inst, ids, truth
+
+
+@pytest.fixture(scope="module")
+def proof():
+    if not CONSEP.exists():
+        pytest.skip("../shared/data not present")
+    out = []
+    for k, name in enumerate(PROOF_TILES):
+        he, inst, ids, truth = _load(name)
+        synth = synthesize_if(inst, ids[truth], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=k)
+        reg = register(he, synth.image, he_mpp=HE_MPP, config=RegistrationConfig(threads=1))
+        out.append({"name": name, "he": he, "inst": inst, "ids": ids, "truth": truth, "synth": synth, "reg": reg})
+    return out
+
+
+@needs_shared
+def test_registration_error_against_known_deformation(proof):
+    errors, before = [], []
+    for p in proof:
+        c = np.array(ndi.center_of_mass(np.ones_like(p["inst"]), p["inst"], p["ids"]))[:, ::-1]
+        errors.append(p["synth"].warp.error_px(c, p["reg"].transform_points(c), he_mpp=HE_MPP, if_mpp=IF_MPP))
+        before.append(p["synth"].warp.error_px(c, c * HE_MPP / IF_MPP, he_mpp=HE_MPP, if_mpp=IF_MPP))
+        q = p["reg"].quality
+        assert q.nmi_after > q.nmi_before
+        assert q.residual_px_after < q.residual_px_before
+        assert q.residual_px_after <= RegistrationConfig().max_residual_px
+    assert np.median(np.concatenate(before)) > 5  # the deformation is not trivial
+    assert np.median(np.concatenate(errors)) < 1.5
+
+
+@needs_shared
+def test_labels_match_inflammatory_ground_truth(proof):
+    # one threshold for all fields (as over a slide): Otsu of the pooled top-hat signal
+    warped = [(p["reg"].warp_if_to_he(p["synth"].image), p["reg"].overlap_mask(p["synth"].image.shape)) for p in proof]
+    pooled = np.concatenate([marker_signal(w.channel("MARKER"), SIGNAL, valid=ov)[ov] for w, ov in warped])
+    fixed = replace(SIGNAL, method="fixed", value=compute_threshold(pooled, SIGNAL), min_positive_px=0)
+    preds, truths = [], []
+    for p, (w, ov) in zip(proof, warped):
+        mask = threshold_marker(w.channel("MARKER"), fixed, valid=ov)
+        lab = label_cells(p["inst"], mask.mask, cell_ids=p["ids"], valid=ov, marker="MARKER")
+        preds.append(lab.label[lab.kept] == 1)
+        truths.append(p["truth"][lab.kept])
+        assert lab.kept.mean() > 0.7
+    pred, truth = np.concatenate(preds), np.concatenate(truths)
+    tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+    assert (pred == truth).mean() >= 0.95
+    assert 2 * tp / (2 * tp + fp + fn) >= 0.9
+
+
+@needs_shared
+def test_registration_save_load_roundtrip(proof, tmp_path):
+    reg = proof[0]["reg"]
+    back = Registration.load(reg.save(tmp_path / "reg.json"))
+    pts = np.array([[10.0, 20.0], [200.0, 100.0], [128.0, 128.0]])
+    np.testing.assert_allclose(back.transform_points(pts), reg.transform_points(pts), atol=1e-6)
+    assert back.quality == reg.quality and back.he_shape == reg.he_shape
+    img = proof[0]["synth"].image
+    np.testing.assert_allclose(back.warp_if_to_he(img).data, reg.warp_if_to_he(img).data, atol=1e-3)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(CytokenError, match="not a cytoken registration"):
+        Registration.load(tmp_path / "bad.json")
+
+
+@needs_shared
+def test_unrelated_images_are_refused(proof):
+    # H&E of one tile against the IF of another: no true overlap -> the guard must refuse with numbers
+    cfg = RegistrationConfig(threads=1, bspline_grid_um=None)  # the guard does not depend on the B-spline stage
+    with pytest.raises(CytokenError, match=r"registration failed.*residual|registration failed.*overlap"):
+        register(proof[0]["he"], proof[1]["synth"].image, he_mpp=HE_MPP, config=cfg)
+
+
+@needs_shared
+def test_label_from_if_and_outputs(proof, tmp_path):
+    import pyarrow.parquet as pq
+
+    p = proof[1]
+    res = label_from_if(
+        p["he"],
+        p["synth"].image,
+        p["inst"],
+        he_mpp=HE_MPP,
+        marker="marker",
+        registration=p["reg"],
+        threshold_config=SIGNAL,
+    )
+    assert res.warped.data.shape == (2, *p["he"].shape[:2])
+    paths = write_outputs(res, p["he"], tmp_path / "out")
+    assert {k: v.exists() for k, v in paths.items()} == dict.fromkeys(paths, True)
+    table = pq.read_table(paths["labels_parquet"])
+    assert table.num_rows == len(p["ids"])
+    assert Registration.load(paths["registration"]).he_shape == p["he"].shape[:2]
+
+
+@pytest.mark.slow
+@needs_shared
+def test_register_tiled_overview_then_tiles():
+    from cytoken.labeling import register_tiled
+
+    (h1, i1, _, _), (h2, i2, _, _) = _load(PROOF_TILES[0]), _load(PROOF_TILES[1])
+    he = np.concatenate([h1, h2], 1)  # a 256 x 512 "slide" of two fields
+    inst = np.concatenate([i1, np.where(i2 > 0, i2 + 10_000, 0)], 1)
+    ids = np.unique(inst[inst > 0])
+    synth = synthesize_if(inst, ids[::3], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=3)
+    tr = register_tiled(
+        he, synth.image, he_mpp=HE_MPP, tile_px=256, overview_mpp=1.0, config=RegistrationConfig(threads=1)
+    )
+    assert len(tr.tiles) == 2 and tr.errors == [None, None]
+    c = np.array(ndi.center_of_mass(np.ones_like(inst), inst, ids))[:, ::-1]
+    for i, b in enumerate(tr.tiles):
+        sel = b.contains(c[:, 0], c[:, 1])
+        local = c[sel] - [b.x, b.y]
+        err = synth.warp.error_px(c[sel], tr.for_tile(i).transform_points(local), he_mpp=HE_MPP, if_mpp=IF_MPP)
+        assert np.median(err) < 1.5
+    warped = tr.warp_if_to_he(synth.image)
+    assert warped.data.shape == (2, 256, 512)
+    assert tr.overlap_mask(synth.image.shape).mean() > 0.8
