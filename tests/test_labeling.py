@@ -381,3 +381,35 @@ def test_register_tiled_overview_then_tiles():
     warped = tr.warp_if_to_he(synth.image)
     assert warped.data.shape == (2, 256, 512)
     assert tr.overlap_mask(synth.image.shape).mean() > 0.8
+
+
+@needs_shared
+def test_label_from_if_command(tmp_path):
+    """The CLI end to end on a real CoNSeP tile with synthetic IF (cells given as the expert instance map)."""
+    from cytoken.cli.main import main
+    from cytoken.io.ifimage import write_ome_tiff
+
+    name = PROOF_TILES[0]
+    he, inst, ids, truth = _load(name)
+    synth = synthesize_if(inst, ids[truth], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=0)
+    Image.fromarray(he).save(tmp_path / "he.png")
+    Image.fromarray(inst.astype(np.uint16)).save(tmp_path / "cells.png")
+    write_ome_tiff(synth.image, tmp_path / "if.ome.tif")
+    argv = ["label-from-if", "--he", str(tmp_path / "he.png"), "--he-mpp", str(HE_MPP), "--if",
+            str(tmp_path / "if.ome.tif"), "--marker", "MARKER", "--cells", str(tmp_path / "cells.png"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    for f in ("registration.json", "marker_mask.png", "labels.parquet", "labels.csv", "qc.png", "summary.json"):
+        assert (tmp_path / "out" / f).is_file(), f
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "out" / "labels.parquet").to_pandas()
+    kept = table[table["kept"]]
+    pos = dict(zip(kept["cell_id"], kept["label"] == 1))
+    truth_of = dict(zip(ids, truth))
+    agree = np.mean([pos[i] == truth_of[i] for i in pos])
+    assert agree >= 0.9, agree
+    bad = argv.copy()
+    bad[bad.index("MARKER")] = "CD3"
+    assert main([*bad[:-1], str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2").exists()

@@ -12,7 +12,7 @@ from cytoken.types import CytokenError
 
 __all__ = ["main"]
 
-COMMANDS = ("segment", "evaluate", "models", "train", "classifier")
+COMMANDS = ("segment", "evaluate", "models", "train", "classifier", "label_from_if")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

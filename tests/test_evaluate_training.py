@@ -1,0 +1,148 @@
+"""`cytoken evaluate` on saved predictions, and training: exact resume after an interruption, bad configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cytoken.cli.main import main
+from cytoken.types import CytokenError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+
+
+@needs_data
+def test_evaluate_predictions_folder(tmp_path: Path) -> None:
+    labels = sorted((SHARED / "monuseg" / "test" / "labels").glob("*.png"))
+    preds = tmp_path / "pred"
+    preds.mkdir()
+    for p in labels:  # perfect predictions, with ids permuted
+        lab = np.array(Image.open(p)).astype(np.int64)
+        ids = np.unique(lab)
+        perm = np.zeros(ids.max() + 1, np.int64)
+        perm[ids[1:]] = np.random.default_rng(0).permutation(len(ids) - 1) + 1
+        Image.fromarray(perm[lab].astype(np.uint16)).save(preds / p.name)
+    out = tmp_path / "metrics.json"
+    argv = ["evaluate", "--dataset", "monuseg", "--data-root", str(SHARED / "monuseg"), "--split", "test",
+            "--predictions", str(preds), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    m = json.loads(out.read_text())
+    assert m["n_images"] == 14 and m["n_true"] == m["n_pred"] == 6697
+    for k in ("bpq", "bdq", "bsq", "dice", "aji", "aji_plus", "det_f1", "det_precision", "det_recall"):
+        assert m[k] == pytest.approx(1.0), k
+    assert "conventions" in m and m["data"]["split"] == "test"
+    # one missing prediction file is named
+    (preds / labels[3].name).unlink()
+    assert main(argv) == 2
+
+
+def test_evaluate_bad_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--dataset", "monuseg", "--data-root", str(tmp_path), "--out", str(tmp_path / "m.json"),
+                 "--predictions", str(tmp_path)]) == 2  # fmt: skip
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def _config(tmp_path: Path, out: str, **kw):
+    from cytoken.training.config import TrainConfig
+
+    raw = {
+        "model": {"encoder": "vit_tiny_test", "num_classes": 4,
+                  "class_names": ["other", "inflammatory", "epithelial", "spindle-shaped"],
+                  "decoder_kwargs": {"width_factor": 0.125, "shared": True, "out_stride": 2}},
+        "data": [{"dataset": "consep_patched", "root": str(SHARED / "consep_patched"), "val_fraction": 0.1}],
+        "out_dir": str(tmp_path / out), "crop_size": 64, "batch_size": 2, "epochs": 3, "steps_per_epoch": 2,
+        "ema_decay": 0.9, "num_workers": 0, "seed": 3, "lr": 1e-3,
+    }  # fmt: skip
+    raw.update(kw)
+    return TrainConfig.model_validate(raw)
+
+
+@needs_data
+def test_training_killed_and_resumed_matches_uninterrupted(tmp_path: Path, monkeypatch) -> None:
+    import cytoken.training.loop as loop
+
+    # validation on every val crop is slow on CPU; the resume logic does not depend on it
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: {"bpq": 0.5, "dice": 0.5, "det_f1": 0.5})
+    torch.manual_seed(0)
+    full = loop.train_segmenter(_config(tmp_path, "full"), progress=False)
+    part = loop.train_segmenter(_config(tmp_path, "cut"), progress=False, stop_after_epochs=1)
+    assert part.epochs_run == 1 and full.epochs_run == 3
+    shutil.copy(tmp_path / "cut" / "last.pt", tmp_path / "cut_epoch1.pt")
+    resumed = loop.train_segmenter(_config(tmp_path, "cut"), resume=True, progress=False)
+    assert resumed.epochs_run == 3
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    # a different architecture cannot resume that run
+    other = _config(tmp_path, "cut", model={"encoder": "vit_tiny_test", "num_classes": 0})
+    with pytest.raises(CytokenError, match="different model architecture"):
+        loop.train_segmenter(other, resume=True, progress=False)
+
+
+def test_training_config_errors_name_keys(tmp_path: Path) -> None:
+    from cytoken.training.config import load_train_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: []\nout_dir: x\nlearning_rat: 0.1\n")
+    with pytest.raises(CytokenError) as e:
+        load_train_config(cfg)
+    assert "learning_rat: unknown key" in str(e.value)
+    cfg.write_text("lr: 0.1\n")
+    with pytest.raises(CytokenError, match="data: missing key"):
+        load_train_config(cfg)
+
+
+@needs_data
+def test_training_without_nuclei_is_an_error(tmp_path: Path) -> None:
+    from cytoken.training.data import load_sources
+
+    root = tmp_path / "empty"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(root / "labels" / "a.png")
+    cfg = _config(tmp_path, "o", data=[{"dataset": "folder", "root": str(root), "split": "all", "mpp": 0.25,
+                                        "val_fraction": 0.0, "use_types": False}])  # fmt: skip
+    with pytest.raises(CytokenError, match="yields no nuclei"):
+        load_sources(cfg)
+
+
+@needs_data
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
+    """The training loop under torchrun with 2 CPU processes (gloo): both ranks step, rank 0 writes once."""
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, "ddp", epochs=1)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\n"
+        "import cytoken.training.loop as loop\n"
+        "from cytoken.training.config import TrainConfig\n"
+        "loop.validate = lambda *a, **k: {'bpq': 0.5, 'dice': 0.5, 'det_f1': 0.5}\n"
+        "cfg = TrainConfig.model_validate_json(open(sys.argv[1]).read())\n"
+        "r = loop.train_segmenter(cfg, progress=False)\n"
+        "import torch.distributed as dist\n"
+        "print('RANK', dist.get_rank(), 'WORLD', dist.get_world_size(), 'EPOCHS', r.epochs_run, flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(script), str(tmp_path / "cfg.json")],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RANK 0 WORLD 2 EPOCHS 1" in proc.stdout and "RANK 1 WORLD 2 EPOCHS 1" in proc.stdout
+    assert (tmp_path / "ddp" / "last.pt").is_file() and (tmp_path / "ddp" / "metrics.csv").is_file()
