@@ -72,10 +72,10 @@ def main() -> None:
     tiles = 0
     cells = 0
     with tempfile.TemporaryDirectory() as tmp:
-        segment_image_file(images[0], Path(tmp), predictor, info, cfg)  # warm-up
+        segment_image_file(images[0], Path(tmp), predictor, info, cfg, mpp=0.25)  # warm-up
         t = time.perf_counter()
         for p in images:
-            s = segment_image_file(p, Path(tmp), predictor, info, cfg, overlay=True)
+            s = segment_image_file(p, Path(tmp), predictor, info, cfg, mpp=0.25, overlay=True)
             tiles += s["tiles"]
             cells += s["cells"]
         e2e = time.perf_counter() - t

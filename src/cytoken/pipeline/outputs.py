@@ -91,6 +91,7 @@ class CellOutputWriter:
         type_map: class id → name for the CellViT++ files.
         wsi_metadata: CellViT++ ``wsi_metadata``.
         geojson_meta: extra metadata in the GeoJSON collection.
+        id_seed: makes GeoJSON feature ids deterministic UUIDs (same input + model -> same ids, e.g. after resume).
     """
 
     def __init__(
@@ -101,10 +102,11 @@ class CellOutputWriter:
         type_map: dict[int, str] | None = None,
         wsi_metadata: dict[str, Any] | None = None,
         geojson_meta: dict[str, Any] | None = None,
+        id_seed: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         name = "cells.geojson.gz" if gzip_geojson else "cells.geojson"
-        self.geojson = GeoJSONWriter(self.folder / name, metadata=geojson_meta)
+        self.geojson = GeoJSONWriter(self.folder / name, metadata=geojson_meta, id_seed=id_seed)
         self.cellvit = CellViTJSONWriter(self.folder / "cells.json", type_map=type_map, wsi_metadata=wsi_metadata)
         self.detection = CellViTJSONWriter(
             self.folder / "cell_detection.json", detection=True, type_map=type_map, wsi_metadata=wsi_metadata

@@ -72,6 +72,7 @@ def segment_image_file(
                 "target_patch_mpp": cells.meta.get("model_mpp", loaded.mpp),
             },
             geojson_meta=meta,
+            id_seed=f"{path.name}:{info.sha256}",
         )
         try:
             writer.add(cells)

@@ -290,7 +290,7 @@ def _assemble(
         writer = CellOutputWriter(
             tmp, gzip_geojson=config.gzip_geojson, type_map=type_map_of(names),
             wsi_metadata={"base_mpp": slide.mpp, "target_patch_mpp": mc.mpp, "shape": list(slide.dimensions)},
-            geojson_meta=meta,
+            geojson_meta=meta, id_seed=f"{path.name}:{info.sha256}",
         )  # fmt: skip
         try:
             for c in range(len(chunks)):
