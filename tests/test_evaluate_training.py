@@ -146,3 +146,37 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RANK 0 WORLD 2 EPOCHS 1" in proc.stdout and "RANK 1 WORLD 2 EPOCHS 1" in proc.stdout
     assert (tmp_path / "ddp" / "last.pt").is_file() and (tmp_path / "ddp" / "metrics.csv").is_file()
+
+
+def test_evaluate_pannuke_uses_its_tissue_convention(tmp_path: Path) -> None:
+    """PanNuke fold in the published layout; a perfect-instance oracle: bPQ 1, mPQ by PanNuke's convention."""
+    import sys
+
+    from cytoken.io.datasets import open_dataset
+    from cytoken.models import SegmenterConfig
+    from cytoken.pipeline.evaluate import EvaluateConfig, evaluate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pipeline_image import Oracle, _OracleModel, encode
+
+    n = 3
+    masks = np.zeros((n, 64, 64, 6), np.float64)
+    masks[:, 4:14, 4:14, 0] = 1  # neoplastic
+    masks[:, 30:40, 30:40, 1] = 2  # inflammatory
+    masks[..., 5] = (masks[..., :5].sum(-1) == 0)
+    inst = np.zeros((n, 64, 64), np.int64)
+    inst[:, 4:14, 4:14] = 1
+    inst[:, 30:40, 30:40] = 2
+    folder = tmp_path / "fold1"
+    folder.mkdir()
+    np.save(folder / "images.npy", np.stack([encode(i) for i in inst]).astype(np.float64))
+    np.save(folder / "masks.npy", masks)
+    np.save(folder / "types.npy", np.array(["Breast", "Colon", "Colon"]))
+    ds = open_dataset("pannuke", tmp_path, split="fold1")
+    oracle = Oracle(tile=64, overlap=16)
+    names = list(ds.class_names)
+    cfg = SegmenterConfig(encoder="vit_tiny_test", num_classes=len(names), class_names=names, tile_size=64, overlap=16)
+    oracle.model = _OracleModel(cfg)
+    m = evaluate(ds, oracle, EvaluateConfig(), progress=False)
+    assert m["bpq"] == pytest.approx(1.0) and m["det_f1"] == pytest.approx(1.0)
+    assert m["mpq_convention"] == "pannuke" and m["mpq"] == pytest.approx(0.0)  # the oracle predicts no classes

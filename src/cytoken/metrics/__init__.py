@@ -24,6 +24,7 @@ from cytoken.metrics.detection import (
     detection_radius,
     detection_scores,
     hovernet_type_f1,
+    instance_centroids,
 )
 from cytoken.metrics.instance import (
     InstanceScores,
@@ -52,6 +53,7 @@ __all__ = [
     "detection_scores",
     "dice",
     "hovernet_type_f1",
+    "instance_centroids",
     "instance_scores",
     "mpq",
     "pannuke_mpq",

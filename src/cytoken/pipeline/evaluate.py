@@ -23,7 +23,9 @@ from cytoken.metrics import (
     MPQPlusAccumulator,
     detection_radius,
     detection_scores,
+    instance_centroids,
     instance_scores,
+    pannuke_mpq,
 )
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
 from cytoken.pipeline.predictor import Predictor
@@ -57,16 +59,6 @@ class EvaluateConfig:
     predictions: Path | None = None
     limit: int | None = None
     segment: SegmentConfig = field(default_factory=SegmentConfig)
-
-
-def _centroids(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids, inv = np.unique(inst.ravel(), return_inverse=True)
-    rows, cols = np.indices(inst.shape)
-    n = np.bincount(inv).astype(np.float64)
-    cx = np.bincount(inv, cols.ravel()) / n
-    cy = np.bincount(inv, rows.ravel()) / n
-    keep = ids != 0
-    return ids[keep], np.stack([cx[keep], cy[keep]], 1)
 
 
 def _majority_type(inst: np.ndarray, types: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -109,6 +101,8 @@ def evaluate(
     det = DetectionAccumulator()
     mpq_plus = MPQPlusAccumulator(len(ds_names)) if (typed and ds_names) else None
     n_true = n_pred = 0
+    pannuke = dataset.name == "pannuke"
+    pn: dict[str, list] = {"ti": [], "tt": [], "pi": [], "pt": [], "tissue": []}  # PanNuke's per-tissue mPQ
     it = range(n)
     if progress:
         from tqdm.auto import tqdm
@@ -128,7 +122,7 @@ def evaluate(
             pred = read_label_image(path, "predicted instance map")
             if pred.shape != s.image.shape[:2]:
                 raise CytokenError(f"{path}: size {pred.shape} differs from the image {s.image.shape[:2]}")
-            pred_ids, pred_pts = _centroids(pred)
+            pred_ids, pred_pts = instance_centroids(pred)
             pred_cls = np.zeros(len(pred_ids), np.int64)
         else:
             cells, pred = segment_image_with_labels(s.image, predictor, mpp, config=config.segment, progress=False)  # type: ignore[arg-type]
@@ -152,10 +146,14 @@ def evaluate(
             for k, v in (("pq", sc.pq.pq), ("dq", sc.pq.dq), ("sq", sc.pq.sq), ("aji", sc.aji),
                          ("aji_plus", sc.aji_plus), ("dice", sc.dice)):  # fmt: skip
                 per_img[k].append(v)
-            true_ids, true_pts = _centroids(s.inst_map)
+            true_ids, true_pts = instance_centroids(s.inst_map)
             true_cls = _majority_type(s.inst_map, s.type_map, true_ids) if s.type_map is not None else None
             if pred_types_map is not None and s.type_map is not None and mpq_plus is not None:
                 per_img["mpq"].append(mpq_plus.add(s.inst_map, s.type_map, pred, pred_types_map).mpq)
+                if pannuke:
+                    for k, v in (("ti", s.inst_map), ("tt", s.type_map), ("pi", pred), ("pt", pred_types_map),
+                                 ("tissue", s.tissue or "unknown")):  # fmt: skip
+                        pn[k].append(v)
         elif s.points is not None:
             true_pts = s.points
             true_cls = s.point_labels
@@ -185,6 +183,10 @@ def evaluate(
             out["type_accuracy"] = float(ts.accuracy)
         except ValueError:
             pass
+    if pannuke and pn["ti"]:
+        res = pannuke_mpq(pn["ti"], pn["tt"], pn["pi"], pn["pt"], pn["tissue"], num_classes=len(ds_names))
+        out["mpq"] = float(res.mpq)
+        out["mpq_convention"] = "pannuke"
     out["model"] = model_id or {"predictions": str(config.predictions)}
     out["data"] = {"dataset": dataset.name, "root": str(dataset.root), "split": dataset.split}
     out["conventions"] = CONVENTIONS

@@ -5,23 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cytoken.metrics import detection_radius, detection_scores, dice, panoptic_quality
+from cytoken.metrics import detection_radius, detection_scores, dice, instance_centroids, panoptic_quality
 from cytoken.models.segmenter import CellSegmenter
 from cytoken.postprocess import hover as _hover
 from cytoken.training.data import ValCrop
 
-__all__ = ["instance_centroids", "validate"]
-
-
-def instance_centroids(inst: np.ndarray) -> np.ndarray:
-    """(N, 2) (x, y) centroids of the non-zero instances of a label map (vectorised)."""
-    ids, inv = np.unique(inst.ravel(), return_inverse=True)
-    keep = ids != 0
-    rows, cols = np.indices(inst.shape)
-    n = np.bincount(inv, minlength=len(ids)).astype(np.float64)
-    cx = np.bincount(inv, cols.ravel(), minlength=len(ids)) / np.maximum(n, 1)
-    cy = np.bincount(inv, rows.ravel(), minlength=len(ids)) / np.maximum(n, 1)
-    return np.stack([cx[keep], cy[keep]], axis=1)
+__all__ = ["validate"]
 
 
 @torch.no_grad()
@@ -44,7 +33,7 @@ def validate(model: CellSegmenter, crops: list[ValCrop], device: torch.device, *
             res = _hover.decode_hover(nuc[j], hv[j], None if tprob is None else tprob[j], mpp)
             pqs.append(panoptic_quality(crop.inst, res.inst_map).pq)
             dices.append(dice(crop.inst, res.inst_map))
-            det = detection_scores(instance_centroids(crop.inst), res.cells.centroids, radius)
+            det = detection_scores(instance_centroids(crop.inst)[1], res.cells.centroids, radius)
             tp, fp, fn = tp + det.tp, fp + det.fp, fn + det.fn
     model.train(was_training)
     f1 = 2 * tp / max(1, 2 * tp + fp + fn)
