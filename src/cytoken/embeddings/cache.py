@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from cytoken.io.atomic import atomic_write_bytes
 
 __all__ = ["EmbeddingCache", "array_sha256"]
 
@@ -43,21 +44,6 @@ def array_sha256(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EmbeddingCache:
@@ -183,7 +169,8 @@ class EmbeddingCache:
             {"ids": np.ascontiguousarray(ids_arr[order]), "embeddings": np.ascontiguousarray(emb[order])},
             metadata=meta,
         )
-        _atomic_write_bytes(p, blob)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(p, blob)
         return p
 
     def get_or_compute(

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cytoken.io.atomic import atomic_path
 from cytoken.models.weights_io import WeightsError
 
 __all__ = [
@@ -220,14 +219,8 @@ def save_lora(model: nn.Module, path: str | Path, *, meta: dict[str, str] | None
     metadata = {"format": LORA_FORMAT, "layers": json.dumps(spec), **{k: str(v) for k, v in (meta or {}).items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(lora_state_dict(model), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(lora_state_dict(model), str(tmp), metadata=metadata)
     return path
 
 

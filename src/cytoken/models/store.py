@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from cytoken.io.atomic import atomic_path
 from cytoken.models.config import SegmenterConfig, build_segmenter
 from cytoken.models.segmenter import CellSegmenter
 from cytoken.models.weights_io import WeightsError, load_state_dict_strict, read_state_dict
@@ -46,15 +45,8 @@ def save_segmenter(
         state[k] = v.half() if (half and v.is_floating_point()) else v
     metadata = {CONFIG_KEY: config.model_dump_json(), **{k: str(v) for k, v in (meta or {}).items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return path
 
 

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from cytoken.io.atomic import atomic_path, atomic_write_text
 from cytoken.models.config import build_segmenter
+from cytoken.models.device import resolve_device
 from cytoken.models.segmenter import CellSegmenter
 from cytoken.models.store import load_segmenter, save_segmenter
 from cytoken.training.config import TrainConfig
@@ -49,33 +50,8 @@ class TrainResult:
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CytokenError("device 'cuda' was asked for but CUDA is not available (use --device cpu or auto)")
-    return torch.device(name)
 
 
 def _lr_lambda(config: TrainConfig):
@@ -129,7 +105,7 @@ def train_segmenter(
         A :class:`TrainResult`.
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = _device(config.device)
+    device = resolve_device(config.device)
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
@@ -141,7 +117,7 @@ def train_segmenter(
     last_path = out_dir / "last.pt"
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_text(config.model_dump_json(indent=2), out_dir / "config.json")
+        atomic_write_text(out_dir / "config.json", config.model_dump_json(indent=2))
     _seed_all(config.seed)
 
     sources = load_sources(config)
@@ -325,7 +301,7 @@ def _write_csv(history: list[dict], path: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(history)
-    _atomic_text(buf.getvalue(), path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _tensorboard(out_dir: Path, row: dict) -> None:
