@@ -36,6 +36,7 @@ def test_all_adapters_registered():
             "crchisto",
             "folder",
             "lizard",
+            "qupath",
             "monuseg",
             "pannuke",
             "segpath",

@@ -136,7 +136,8 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
         "cfg = TrainConfig.model_validate_json(open(sys.argv[1]).read())\n"
         "r = loop.train_segmenter(cfg, progress=False)\n"
         "import torch.distributed as dist\n"
-        "print('RANK', dist.get_rank(), 'WORLD', dist.get_world_size(), 'EPOCHS', r.epochs_run, flush=True)\n"
+        "out = f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} EPOCHS {r.epochs_run}'\n"
+        "open(sys.argv[1] + f'.rank{dist.get_rank()}', 'w').write(out)\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -144,7 +145,9 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "RANK 0 WORLD 2 EPOCHS 1" in proc.stdout and "RANK 1 WORLD 2 EPOCHS 1" in proc.stdout
+    # one file per process: printed lines of two processes can interleave
+    ranks = [(tmp_path / f"cfg.json.rank{r}").read_text() for r in (0, 1)]
+    assert ranks == ["RANK 0 WORLD 2 EPOCHS 1", "RANK 1 WORLD 2 EPOCHS 1"]
     assert (tmp_path / "ddp" / "last.pt").is_file() and (tmp_path / "ddp" / "metrics.csv").is_file()
 
 

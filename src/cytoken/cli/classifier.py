@@ -15,16 +15,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     csub = p.add_subparsers(dest="classifier_command", metavar="SUBCOMMAND")
     csub.required = True
 
-    d = csub.add_parser("dataset", help="labels + images -> cached embedding set (.npz)")
-    d.add_argument(
-        "--dataset", required=True, help="crchisto, consep, consep_patched, pannuke, lizard, cellvit, folder"
+    d = csub.add_parser(
+        "dataset",
+        help="labels + images (or slides) -> cached embedding set (.npz)",
+        description="Either a labelled dataset (--dataset NAME --data-root DIR; 'qupath' reads images/ + labels/ "
+        "QuPath GeoJSON exports) or slides annotated in QuPath (--slide S.svs ... --labels S.geojson ...; an "
+        "existing `cytoken segment` output given with --segment-output is reused, the model is not run).",
     )
-    d.add_argument("--data-root", required=True, type=Path)
+    d.add_argument("--dataset", default=None,
+                   help="crchisto, consep, consep_patched, pannuke, lizard, cellvit, folder, qupath")  # fmt: skip
+    d.add_argument("--data-root", type=Path, default=None)
     d.add_argument("--split", default=None, help="split to read (default: the adapter's)")
+    d.add_argument("--slide", type=Path, nargs="+", default=None, help="slide (or image) files labelled in QuPath")
+    d.add_argument("--labels", type=Path, nargs="+", default=None,
+                   help="QuPath GeoJSON export (.geojson/.geojson.gz) of each --slide, in the same order")  # fmt: skip
+    d.add_argument("--segment-output", type=Path, default=None,
+                   help="slides: the `cytoken segment --out` folder holding <stem>/ per slide (reused; missing "
+                   "outputs are written there)")  # fmt: skip
+    d.add_argument("--class-names", default=None, help="QuPath labels: classes in this order, comma-separated "
+                   "(default: every class found, sorted)")  # fmt: skip
+    d.add_argument(
+        "--max-object-um2",
+        type=float,
+        default=1000.0,
+        help="QuPath labels: skip polygons larger than this (tissue regions, not nuclei); 0 keeps all",
+    )
     d.add_argument("--model", default="cytoken-default", help="segmentation model whose embeddings are used")
-    d.add_argument("--mpp", type=mpp_arg, default=None, help="override the dataset's µm/px")
+    d.add_argument("--mpp", type=mpp_arg, default=None, help="override the dataset's (slides': level-0) µm/px")
     d.add_argument("--out", required=True, type=Path, help="embedding set file (.npz)")
-    d.add_argument("--cache", type=Path, default=None, help="segmentation cache folder (default: OUT.cache/)")
+    d.add_argument("--cache", type=Path, default=None, help="segmentation/embedding cache folder (default: OUT.cache/)")
     d.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
     d.add_argument("--embeddings", choices=("mask", "bbox"), default="mask")
     d.add_argument("--quiet", action="store_true")
@@ -66,29 +85,55 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_dataset(args: argparse.Namespace) -> int:
-    """Build an embedding set."""
-    from cytoken.io.datasets import open_dataset
-    from cytoken.pipeline.classifier import build_embedding_set, save_embedding_set
+    """Build an embedding set from a labelled dataset or from QuPath-labelled slides."""
+    from cytoken.pipeline.classifier import build_embedding_set, build_slide_embedding_set, save_embedding_set
     from cytoken.pipeline.image import SegmentConfig
     from cytoken.pipeline.predictor import Predictor
     from cytoken.types import CytokenError
 
-    kw = {"mpp": args.mpp} if (args.mpp and args.dataset == "folder") else {}
-    try:
-        ds = open_dataset(args.dataset, args.data_root, split=args.split, **kw) if args.split else \
-            open_dataset(args.dataset, args.data_root, **kw)  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
-        raise CytokenError(str(exc)) from None
-    model, info = load_model_or_fail(args.model)
+    slides = args.slide is not None or args.labels is not None
+    if slides == (args.dataset is not None):
+        raise CytokenError("give either --dataset NAME --data-root DIR, or --slide FILE... --labels FILE...")
+    if args.max_object_um2 < 0:
+        raise CytokenError(f"--max-object-um2 must be >= 0 (0 keeps every polygon), got {args.max_object_um2}")
+    max_um2 = args.max_object_um2 or None
+    class_names = [c.strip() for c in args.class_names.split(",") if c.strip()] if args.class_names else None
     cache = args.cache or args.out.with_suffix(".cache")
     seg = SegmentConfig(embeddings=args.embeddings)
-    cells, report = build_embedding_set(
-        ds, Predictor(model), info, mpp=args.mpp, cache_dir=cache, limit=args.limit, config=seg, progress=not args.quiet
-    )
+    if slides:
+        if not args.slide or not args.labels:
+            raise CytokenError("--slide and --labels go together (one QuPath GeoJSON file per slide)")
+        model, info = load_model_or_fail(args.model)
+        cells, report = build_slide_embedding_set(
+            args.slide, args.labels, info, cache_dir=cache, predictor=Predictor(model),
+            segment_output=args.segment_output, mpp=args.mpp, class_names=class_names, config=seg,
+            max_object_um2=max_um2, progress=not args.quiet,
+        )  # fmt: skip
+    else:
+        if args.data_root is None:
+            raise CytokenError("--dataset needs --data-root")
+        from cytoken.io.datasets import open_dataset
+
+        kw: dict = {"mpp": args.mpp} if (args.mpp and args.dataset in ("folder", "qupath")) else {}
+        if args.dataset == "qupath":
+            kw.update(class_names=class_names, max_object_um2=max_um2)
+        try:
+            ds = open_dataset(args.dataset, args.data_root, split=args.split, **kw)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CytokenError(str(exc)) from None
+        model, info = load_model_or_fail(args.model)
+        cells, report = build_embedding_set(ds, Predictor(model), info, mpp=args.mpp, cache_dir=cache,
+                                            limit=args.limit, config=seg, progress=not args.quiet)  # fmt: skip
     save_embedding_set(cells, args.out, model_sha256=info.sha256, report=report)
     counts = {n: int((cells.labels == i).sum()) for i, n in enumerate(cells.class_names)}
     print(f"{report['n_matched']} of {report['n_labels']} labels matched a detected cell "
           f"({report['match_rate']:.1%}); {len(cells.labels)} cells: {counts} -> {args.out}")  # fmt: skip
+    skipped = {k[2:]: report[k] for k in ("n_unclassified", "n_unsupported", "n_too_large") if report.get(k)}
+    if skipped:
+        print("skipped QuPath objects: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
+    sources = [r["source"] for r in report["images"] if "source" in r]
+    if sources:
+        print("cells from: " + ", ".join(f"{r['image']} ({r['source']})" for r in report["images"]))
     return 0
 
 

@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "segment",
         help="find, outline and classify every nucleus in images or slides",
         description="Segment H&E images (PNG/JPEG/TIFF) or whole slides. Writes DIR/<stem>/ with cells.geojson, "
-        "cells.json, cell_detection.json, cells.parquet, embeddings.npy, overlay.png (images) and run.json.",
+        "cells.json, cell_detection.json, cells.parquet, embeddings.npy, overlay.png (images) and run.json. "
+        "Models with named input channels (e.g. DAPI,CD3,PanCK) read multi-channel TIFF/OME-TIFF/QPTIFF/.npy "
+        "files and pick their channels by name (see docs/multichannel.md).",
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or slide files")
     p.add_argument("--out", required=True, type=Path, help="output directory")
@@ -39,6 +41,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="classifier bundle applied to the cells' embeddings in the same run",
     )
+    p.add_argument(
+        "--channels",
+        default=None,
+        help="multi-channel models: image channels feeding the model's channels, either one per model channel in "
+        "its order (DAPI,FITC,Cy3; names or 0-based indices) or model=image pairs (CD3=FITC,PanCK=Cy3); "
+        "default: match by name, case-insensitive",
+    )
+    p.add_argument(
+        "--he",
+        type=Path,
+        default=None,
+        help="H&E RGB image registered to the (single) IF input, stacked as channels R,G,B for models that read "
+        "R,G,B plus fluorescence channels",
+    )
+    p.add_argument(
+        "--intensity",
+        choices=("dtype", "percentile"),
+        default="dtype",
+        help="multi-channel models: raw intensity -> [0, 1] by the dtype maximum (default; uint16 / 65535) or by "
+        "each channel's 0.5-99.5 percentile range over the image (images only); use the model's training rule",
+    )
     p.add_argument("--slide", action="store_true", help="treat every input as a whole slide (streaming pipeline)")
     p.add_argument("--roi", default=None, help="slides: only this level-0 region x,y,w,h")
     p.add_argument("--tissue-mask", type=Path, default=None, help="slides: binary tissue mask image")
@@ -50,9 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _is_slide(path: Path) -> bool:
+def _is_slide(path: Path, multichannel: bool = False) -> bool:
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
+    if suffix in (".tif", ".tiff") or (multichannel and suffix in (".qptiff", ".btf")):
         from cytoken.io.image import read_image_size
 
         try:
@@ -68,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cytoken.io.atomic import check_writable_dir
-    from cytoken.pipeline.image import SegmentConfig
+    from cytoken.pipeline.image import SegmentConfig, is_multichannel
     from cytoken.pipeline.predictor import Predictor
     from cytoken.pipeline.run import segment_image_file
     from cytoken.types import CytokenError
@@ -78,8 +101,18 @@ def run(args: argparse.Namespace) -> int:
         if not path.exists():
             raise CytokenError(f"input not found: {path}")
     model, info = load_model_or_fail(args.model)
+    channels = tuple(c.strip() for c in args.channels.split(",") if c.strip()) if args.channels else None
     config = SegmentConfig(batch_size=args.batch_size, tile_size=args.tile_size, overlap=args.overlap,
-                           device=args.device, embeddings=args.embeddings)  # fmt: skip
+                           device=args.device, embeddings=args.embeddings, channels=channels,
+                           intensity=args.intensity)  # fmt: skip
+    multichannel = is_multichannel(model.config)
+    if args.he is not None:
+        if len(args.inputs) != 1:
+            raise CytokenError(f"--he pairs one H&E image with one IF image; got {len(args.inputs)} inputs")
+        if not args.he.exists():
+            raise CytokenError(f"--he image not found: {args.he}")
+    if (args.channels or args.intensity != "dtype") and not multichannel:
+        raise CytokenError("--channels and --intensity are for models with multi-channel inputs; this model reads RGB")
     predictor = Predictor(model, config.device, amp=config.amp)
     bundle = None
     if args.classifier is not None:
@@ -91,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
         check_compatible(bundle, info.sha256, model.encoder.spec.embed_dim)
     bar = tqdm(args.inputs, desc="inputs", unit="file", disable=args.quiet or len(args.inputs) < 2)
     for path in bar:
-        if args.slide or _is_slide(path):
+        if args.slide or _is_slide(path, multichannel):
+            if args.he is not None:
+                raise CytokenError(f"{path}: --he works with images, not whole slides; stack the H&E and IF into one "
+                                   "multi-channel pyramidal OME-TIFF (see docs/multichannel.md)")  # fmt: skip
             from cytoken.io.slide.tissue import parse_roi
             from cytoken.pipeline.run import segment_slide_file
 
@@ -113,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 overlay=not args.no_overlay,
                 progress=show,
                 classifier=bundle,
+                he=args.he,
             )
         counts = ", ".join(f"{k} {v}" for k, v in summary["cells_per_class"].items()) or "none"
         print(f"{path.name}: {summary['cells']} cells ({counts}) -> {summary['output']}")

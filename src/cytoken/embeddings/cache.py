@@ -1,28 +1,45 @@
 """An on-disk cache of per-cell embeddings, keyed by model sha256, input hash and cell id.
 
-Layout: ``<root>/<model_sha256>/<input_hash>.safetensors`` holding two arrays, ``ids`` (N,) int64 and
-``embeddings`` (N, D), plus metadata (model sha256, input hash, dim). One file per (model, input): a tile, an
-image or a slide region, whatever the caller hashes. Files are written atomically (temporary file in the same
-folder, then ``os.replace``), so a crash never leaves a half-written entry. Numpy + safetensors only (no
-torch, no pickle).
+Layout: ``<root>/<model_sha256>/<input_hash>.safetensors`` holding ``ids`` (N,) int64 and ``embeddings``
+(N, D), optional per-cell columns (``col.<name>``, e.g. ``col.centroids`` (N, 2)), plus metadata (model
+sha256, input hash, dim, and a caller's JSON ``meta``). One file per (model, input): a tile, an image or a
+whole slide, whatever the caller hashes. Files are written atomically (temporary file in the same folder, then
+``os.replace``), so a crash never leaves a half-written entry. Numpy + safetensors only (no torch, no pickle).
+
+Input hashes:
+
+* in-memory arrays (tiles, images): :func:`array_sha256`, a content hash;
+* files too large to read just for a key (whole slides): :func:`file_fingerprint`, a cheap fingerprint of the
+  file's size, modification time and first and last MiB. Copying a slide without keeping its mtime (``cp``
+  without ``-p``) or touching it makes a new key (a recompute, never a wrong hit); an edit that changes
+  neither the size, the mtime nor the first/last MiB would go unnoticed (slide files are written once). For
+  multi-file formats (MIRAX ``.mrxs``) only the named file is fingerprinted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cytoken.io.atomic import atomic_write_bytes
 
-__all__ = ["EmbeddingCache", "array_sha256"]
+__all__ = ["FINGERPRINT_BLOCK", "CacheEntry", "EmbeddingCache", "array_sha256", "file_fingerprint"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_COL_PREFIX = "col."
+
+FINGERPRINT_BLOCK = 1 << 20
+"""Bytes read from each end of a file by :func:`file_fingerprint` (1 MiB)."""
 
 
 def array_sha256(*arrays: np.ndarray) -> str:
@@ -44,6 +61,68 @@ def array_sha256(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike[str], *, block_bytes: int = FINGERPRINT_BLOCK) -> str:
+    """A cheap input hash of a (possibly huge) file: sha256 of its size, mtime and first and last ``block_bytes``.
+
+    Reads at most ``2 * block_bytes`` bytes whatever the file size, so a 3 GB slide is keyed in milliseconds.
+    Any change of size or modification time gives a new key; see the module docstring for what it cannot see.
+
+    Args:
+        path: the file (a slide, an image).
+        block_bytes: bytes hashed from each end (default 1 MiB).
+
+    Returns:
+        64 lower-case hex characters.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: when ``block_bytes`` is not positive.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.bin"; _ = p.write_bytes(b"slide")
+        >>> file_fingerprint(p) == file_fingerprint(p), len(file_fingerprint(p))
+        (True, 64)
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"cannot fingerprint {str(p)!r}: not a file")
+    if int(block_bytes) != block_bytes or block_bytes < 1:
+        raise ValueError(f"block_bytes must be a positive integer, got {block_bytes!r}")
+    st = p.stat()
+    h = hashlib.sha256(f"cytoken-file-fingerprint-v1;{st.st_size};{st.st_mtime_ns};{block_bytes};".encode())
+    with p.open("rb") as f:
+        h.update(f.read(block_bytes))
+        if st.st_size > block_bytes:
+            f.seek(max(block_bytes, st.st_size - block_bytes))
+            h.update(f.read(block_bytes))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Everything stored for one (model, input).
+
+    Attributes:
+        ids: (N,) int64 cell ids, sorted.
+        embeddings: (N, D) embeddings (dtype as stored), row i belongs to ``ids[i]``.
+        columns: extra per-cell arrays (N, ...) by name, rows aligned with ``ids``.
+        meta: the caller's metadata (JSON), e.g. where the cells came from.
+    """
+
+    ids: np.ndarray
+    embeddings: np.ndarray
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row of each id (-1 where the entry does not hold it)."""
+        return _rows_of(self.ids, np.asarray(ids, np.int64).reshape(-1))
 
 
 class EmbeddingCache:
@@ -87,13 +166,31 @@ class EmbeddingCache:
     # ------------------------------------------------------------ read
     def load(self, model_sha256: str, input_hash: str) -> tuple[np.ndarray, np.ndarray] | None:
         """All cached ``(ids, embeddings)`` of one (model, input), or None when there is no entry."""
+        entry = self.load_entry(model_sha256, input_hash)
+        return None if entry is None else (entry.ids, entry.embeddings)
+
+    def load_entry(self, model_sha256: str, input_hash: str) -> CacheEntry | None:
+        """The whole entry of one (model, input) (ids, embeddings, columns, meta), or None when there is none.
+
+        Raises:
+            ValueError: when the file exists but is not a readable cache entry (it names the file; delete it).
+        """
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
         p = self.path(model_sha256, input_hash)
         if not p.exists():
             return None
-        data = load_file(str(p))
-        return data["ids"], data["embeddings"]
+        try:
+            data = load_file(str(p))
+            with safe_open(str(p), framework="numpy") as f:
+                raw_meta = f.metadata() or {}
+            meta = json.loads(raw_meta.get("meta", "{}"))
+            ids, emb = data["ids"], data["embeddings"]
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise ValueError(f"embedding cache entry {p} is unreadable ({exc}); delete it to recompute") from None
+        cols = {k[len(_COL_PREFIX) :]: v for k, v in data.items() if k.startswith(_COL_PREFIX)}
+        return CacheEntry(ids, emb, cols, meta if isinstance(meta, dict) else {})
 
     def has(self, model_sha256: str, input_hash: str, ids: Sequence[int] | np.ndarray | None = None) -> bool:
         """Whether the (model, input) entry exists and, if ``ids`` are given, holds all of them."""
@@ -127,20 +224,45 @@ class EmbeddingCache:
         return entry[1][rows]
 
     # ------------------------------------------------------------ write
-    def put(self, model_sha256: str, input_hash: str, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray) -> Path:
+    def put(
+        self,
+        model_sha256: str,
+        input_hash: str,
+        ids: Sequence[int] | np.ndarray,
+        embeddings: np.ndarray,
+        *,
+        columns: Mapping[str, np.ndarray] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> Path:
         """Store embeddings, merged into the entry (new rows replace old ones with the same id).
 
         Args:
             model_sha256: sha256 of the model weights.
             input_hash: hash of the input.
             ids: (N,) unique cell ids.
-            embeddings: (N, D) float array.
+            embeddings: (N, D) float array (float16 is kept as float16).
+            columns: extra per-cell arrays of N rows by name (``[a-z][a-z0-9_]*``), e.g. ``{"centroids": xy}``.
+                Merging into an existing entry needs the same column names.
+            meta: JSON-serialisable metadata; merged over the entry's metadata.
+            replace: drop the existing entry instead of merging into it.
 
         Returns:
             The entry's file path.
 
         Raises:
-            ValueError: for mismatched lengths, repeated ids, or a dimension different from the cached one.
+            ValueError: for mismatched lengths, repeated ids, a dimension or column set different from the
+                cached one, or a bad column name.
+
+        Example:
+            >>> import tempfile
+            >>> cache = EmbeddingCache(tempfile.mkdtemp())
+            >>> xy = np.array([[10.0, 5.0], [3.0, 4.0]])
+            >>> _ = cache.put("c" * 64, "slide", [2, 1], np.ones((2, 3), np.float16), columns={"centroids": xy},
+            ...               meta={"source": "run-1"})
+            >>> e = cache.load_entry("c" * 64, "slide")
+            >>> e.ids.tolist(), e.columns["centroids"][0].tolist(), e.meta["source"], e.embeddings.dtype.name
+            ([1, 2], [3.0, 4.0], 'run-1', 'float16')
         """
         from safetensors.numpy import save
 
@@ -153,22 +275,29 @@ class EmbeddingCache:
             raise ValueError(f"embeddings must be floating point, got dtype {emb.dtype}")
         if len(np.unique(ids_arr)) != len(ids_arr):
             raise ValueError("ids passed to EmbeddingCache.put must be unique")
-        old = self.load(model_sha256, input_hash)
+        cols = _check_columns(columns, len(ids_arr))
+        info: dict[str, Any] = dict(meta or {})
+        old = None if replace else self.load_entry(model_sha256, input_hash)
         if old is not None:
-            old_ids, old_emb = old
-            if old_emb.shape[1] != emb.shape[1]:
+            if old.embeddings.shape[1] != emb.shape[1]:
                 raise ValueError(
-                    f"cache entry {p} holds {old_emb.shape[1]}-d embeddings, cannot add {emb.shape[1]}-d ones"
+                    f"cache entry {p} holds {old.embeddings.shape[1]}-d embeddings, cannot add {emb.shape[1]}-d ones"
                 )
-            keep = ~np.isin(old_ids, ids_arr)
-            ids_arr = np.concatenate([old_ids[keep], ids_arr])
-            emb = np.concatenate([old_emb[keep].astype(emb.dtype), emb])
+            if set(old.columns) != set(cols):
+                raise ValueError(
+                    f"cache entry {p} has columns {sorted(old.columns)}, got {sorted(cols)}; pass replace=True"
+                )
+            keep = ~np.isin(old.ids, ids_arr)
+            ids_arr = np.concatenate([old.ids[keep], ids_arr])
+            emb = np.concatenate([old.embeddings[keep].astype(emb.dtype), emb])
+            cols = {k: np.concatenate([old.columns[k][keep].astype(v.dtype), v]) for k, v in cols.items()}
+            info = {**old.meta, **info}
         order = np.argsort(ids_arr, kind="stable")
-        meta = {"model_sha256": model_sha256, "input_hash": input_hash, "dim": str(emb.shape[1])}
-        blob = save(
-            {"ids": np.ascontiguousarray(ids_arr[order]), "embeddings": np.ascontiguousarray(emb[order])},
-            metadata=meta,
-        )
+        tensors = {"ids": np.ascontiguousarray(ids_arr[order]), "embeddings": np.ascontiguousarray(emb[order])}
+        tensors.update({_COL_PREFIX + k: np.ascontiguousarray(v[order]) for k, v in cols.items()})
+        header = {"model_sha256": model_sha256, "input_hash": input_hash, "dim": str(emb.shape[1]),
+                  "meta": json.dumps(info, sort_keys=True)}  # fmt: skip
+        blob = save(tensors, metadata=header)
         p.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(p, blob)
         return p
@@ -181,6 +310,8 @@ class EmbeddingCache:
         compute: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray:
         """Embeddings of ``ids``; only ids missing from the cache are computed (by ``compute``) and stored.
+
+        For entries without per-cell columns (an entry with columns is written whole, with :meth:`put`).
 
         Args:
             model_sha256: sha256 of the model weights.
@@ -217,6 +348,20 @@ class EmbeddingCache:
         if entry is not None:
             out[rows >= 0] = entry[1][rows[rows >= 0]]
         return out
+
+
+def _check_columns(columns: Mapping[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, arr in (columns or {}).items():
+        if not isinstance(name, str) or not _COLUMN.match(name):
+            raise ValueError(f"column name must match [a-z][a-z0-9_]* (at most 64 characters), got {name!r}")
+        a = np.asarray(arr)
+        if a.ndim < 1 or len(a) != n:
+            raise ValueError(f"column {name!r} must have one row per id ({n}), got shape {a.shape}")
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"column {name!r} must be numeric or boolean, got dtype {a.dtype}")
+        out[name] = a
+    return out
 
 
 def _rows_of(sorted_ids: np.ndarray, want: np.ndarray) -> np.ndarray:

@@ -13,8 +13,15 @@ Formats:
       resolution tags (pixels per centimetre), falling back to ``ScanProfile//PixelSizeMicrons`` in the XML.
     * Any other TIFF: series 0 as ``CYX`` (a 2-D image is one channel), names ``ch0, ch1, ...``, µm/px from the
       resolution tags when the unit is centimetre or inch.
+    * NumPy ``.npy``: a ``(C, H, W)`` array (a 2-D array is one channel); names from a sidecar text file
+      ``<stem>.channels.txt`` (one name per line) when present, else ``ch0, ch1, ...``; µm/px only from the caller.
     * One single-channel file per marker (TIFF, PNG, ...): pass several paths (names = file stems) or a
       ``{name: path}`` mapping. An RGB export of one marker is reduced to one channel by its per-pixel maximum.
+
+Model inputs: :func:`match_channels` finds, for each channel a model reads, the file channel that feeds it (by
+name, case-insensitive, or through an explicit mapping); :func:`intensity_ranges` and :func:`to_unit` scale raw
+intensities to [0, 1] by one of two rules (see :data:`INTENSITY_RULES`), the same rules as
+:func:`cytoken.models.multichannel.model_channels` uses for training inputs.
 
 This module is layer 1 (io): numpy, tifffile and Pillow only.
 """
@@ -26,17 +33,32 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from cytoken.io.atomic import atomic_path
 from cytoken.types import CytokenError, validate_mpp
 
-__all__ = ["IFImage", "read_if", "write_ome_tiff"]
+__all__ = [
+    "INTENSITY_RULES",
+    "PERCENTILES",
+    "IFImage",
+    "IntensityRule",
+    "intensity_ranges",
+    "match_channels",
+    "read_if",
+    "to_unit",
+    "write_ome_tiff",
+]
 
 ChannelKey = str | int
 PathLike = str | Path
+IntensityRule = Literal["dtype", "percentile"]
+#: ``dtype``: integers divided by their dtype's maximum (uint8 / 255, uint16 / 65535), floats kept as they are;
+#: ``percentile``: per channel, the [0.5, 99.5] percentile range of the whole image stretched to [0, 1] (clipped).
+INTENSITY_RULES: tuple[str, ...] = ("dtype", "percentile")
+PERCENTILES = (0.5, 99.5)
 
 _UNIT_TO_UM = {
     "µm": 1.0,
@@ -195,6 +217,8 @@ def read_if(
 def _read_multichannel(path: Path, channels: ChannelKey | Sequence[ChannelKey] | None) -> IFImage:
     if not path.exists():
         raise CytokenError(f"IF image not found: {path}")
+    if path.suffix.lower() == ".npy":
+        return _read_npy(path, channels)
     if path.suffix.lower() not in {
         ".tif",
         ".tiff",
@@ -225,6 +249,44 @@ def _read_multichannel(path: Path, channels: ChannelKey | Sequence[ChannelKey] |
             path=path,
             meta={"format": "tiff"},
         )
+
+
+def _read_npy(path: Path, channels: ChannelKey | Sequence[ChannelKey] | None) -> IFImage:
+    """A (C, H, W) ``.npy`` stack, memory-mapped so only the selected channels are read."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise CytokenError(f"cannot read {path} as a NumPy array: {exc}") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise CytokenError(f"{path}: a .npy image must be (C, H, W) or (H, W), got shape {arr.shape}")
+    if arr.shape[2] <= 16 < min(arr.shape[0], arr.shape[1]):
+        raise CytokenError(
+            f"{path}: shape {arr.shape} looks like (H, W, C); save the stack channels-first, "
+            "e.g. np.save(path, np.moveaxis(a, -1, 0))"
+        )
+    if arr.dtype.kind not in "biuf":
+        raise CytokenError(f"{path}: unsupported pixel type {arr.dtype} (expected integers, floats or booleans)")
+    sidecar = path.with_name(f"{path.stem}.channels.txt")
+    if sidecar.is_file():
+        names = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(names) != arr.shape[0]:
+            raise CytokenError(f"{sidecar} names {len(names)} channels, {path} has {arr.shape[0]}")
+    else:
+        names = [f"ch{i}" for i in range(arr.shape[0])]
+    wanted = list(range(arr.shape[0]))
+    if channels is not None:
+        keys = [channels] if isinstance(channels, str | int) else list(channels)
+        if not keys:
+            raise CytokenError("no channels selected; give at least one channel name or index")
+        wanted = [_channel_index(k, names, path) for k in keys]
+    return IFImage(
+        data=np.asarray(arr[wanted]),
+        channel_names=tuple(names[i] for i in wanted),
+        path=path,
+        meta={"format": "npy", "all_channels": tuple(names), "_selected": channels is not None},
+    )
 
 
 def _as_cyx(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
@@ -384,6 +446,146 @@ def _read_per_marker(paths: Sequence[Path], names: Sequence[str]) -> IFImage:
         path=paths[0],
         meta={"format": "per-marker", "files": tuple(str(p) for p in paths)},
     )
+
+
+# ---------------------------------------------------------------------------------------------- model inputs
+def match_channels(
+    available: Sequence[str],
+    wanted: Sequence[str],
+    override: Sequence[ChannelKey] | Mapping[str, ChannelKey] | None = None,
+    *,
+    where: str = "the image",
+) -> list[int]:
+    """For each channel a model reads, the index of the image channel that feeds it.
+
+    Without ``override`` every wanted name is looked up among ``available`` (case-insensitive). ``override`` is
+    either a list with one image channel (name or index) per wanted channel, in the model's order, or a mapping
+    ``{model channel: image channel}`` for some of them (the others are matched by name). Strings of digits are
+    indices, and ``"model=image"`` strings in a list are mapping entries (the form of ``--channels CD3=FITC``).
+
+    Args:
+        available: the image's channel names.
+        wanted: the model's channel names, in the model's order.
+        override: explicit mapping (see above), or None.
+        where: names the image in error messages.
+
+    Returns:
+        ``len(wanted)`` indices into ``available``.
+
+    Raises:
+        CytokenError: one error naming every channel that cannot be found and listing ``available``.
+
+    Example:
+        >>> match_channels(("DAPI", "FITC", "Cy3"), ("dapi", "cy3"))
+        [0, 2]
+        >>> match_channels(("DAPI", "FITC", "Cy3"), ("DAPI", "CD3"), ["CD3=FITC"])
+        [0, 1]
+        >>> match_channels(("DAPI", "FITC", "Cy3"), ("DAPI", "CD3"), ["0", "2"])
+        [0, 2]
+    """
+    avail = [str(a) for a in available]
+    want = [str(w) for w in wanted]
+    pairs: dict[str, ChannelKey] = {}
+    positional: list[ChannelKey] | None = None
+    if isinstance(override, Mapping):
+        pairs = {str(k).strip().lower(): v for k, v in override.items()}
+    elif override is not None:
+        items = [o.strip() if isinstance(o, str) else o for o in override]
+        with_eq = [isinstance(o, str) and "=" in o for o in items]
+        if any(with_eq) and not all(with_eq):
+            raise CytokenError(f"channel mapping {list(items)}: give either one image channel per model channel "
+                               "(DAPI,FITC,Cy3) or model=image pairs (CD3=FITC,PanCK=Cy3), not a mix")  # fmt: skip
+        if items and all(with_eq):
+            for o in items:
+                k, _, v = str(o).partition("=")
+                pairs[k.strip().lower()] = v.strip()
+        else:
+            positional = list(items)
+            if len(positional) != len(want):
+                raise CytokenError(f"channel mapping {positional} gives {len(positional)} channels; the model reads "
+                                   f"{len(want)}: {want}")  # fmt: skip
+    unknown = [k for k in pairs if k not in {w.lower() for w in want}]
+    if unknown:
+        raise CytokenError(f"channel mapping names {unknown}, which the model does not read; its channels: {want}")
+    out: list[int] = []
+    missing: list[str] = []
+    for i, name in enumerate(want):
+        key: ChannelKey = positional[i] if positional is not None else pairs.get(name.lower(), name)
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        try:
+            out.append(_channel_index(key, avail))
+        except CytokenError:
+            missing.append(name if key == name else f"{name} (mapped to {key!r})")
+    if missing:
+        raise CytokenError(
+            f"{where} lacks channel(s) the model reads: {', '.join(missing)}; available channels: {avail}. "
+            f"The model reads {want}: map image channels to them, e.g. --channels {want[0]}={avail[0]} "
+            "or one image channel per model channel in order"
+        )
+    return out
+
+
+def intensity_ranges(data: np.ndarray, rule: IntensityRule = "dtype") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, high) intensities that :func:`to_unit` maps to 0 and 1.
+
+    Args:
+        data: (C, H, W) raw channels (any dtype).
+        rule: ``dtype`` (low 0, high = the integer dtype's maximum; 1 for floats and booleans) or ``percentile``
+            (the 0.5 and 99.5 percentiles of each channel over the whole array).
+
+    Returns:
+        ``(low, high)``, two (C,) float32 arrays.
+
+    Example:
+        >>> lo, hi = intensity_ranges(np.zeros((2, 4, 4), np.uint16))
+        >>> lo.tolist(), hi.tolist()
+        ([0.0, 0.0], [65535.0, 65535.0])
+    """
+    a = np.asarray(data)
+    if a.ndim != 3:
+        raise ValueError(f"intensity_ranges: data must be (C, H, W), got shape {a.shape}")
+    c = a.shape[0]
+    if rule == "percentile":
+        lo, hi = np.empty(c, np.float32), np.empty(c, np.float32)
+        for i in range(c):
+            lo[i], hi[i] = np.percentile(a[i].astype(np.float32), PERCENTILES)
+        return lo, hi
+    if rule != "dtype":
+        raise ValueError(f"intensity rule must be one of {INTENSITY_RULES}, got {rule!r}")
+    top = float(np.iinfo(a.dtype).max) if np.issubdtype(a.dtype, np.integer) else 1.0
+    return np.zeros(c, np.float32), np.full(c, top, np.float32)
+
+
+def to_unit(data: np.ndarray, low: np.ndarray, high: np.ndarray, *, clip: bool = False, axis: int = 0) -> np.ndarray:
+    """Scale raw channels to [0, 1]: ``(x - low) / (high - low)`` per channel (0 where high <= low), as float32.
+
+    Args:
+        data: raw channels, the channel axis at ``axis``.
+        low: (C,) values mapped to 0.
+        high: (C,) values mapped to 1.
+        clip: clip the result to [0, 1] (the ``percentile`` rule clips; ``dtype`` leaves floats as they are).
+        axis: the channel axis of ``data`` (0 for (C, H, W), -1 for (H, W, C)).
+
+    Returns:
+        A float32 array of ``data``'s shape.
+
+    Example:
+        >>> to_unit(np.array([[[0, 255]]], np.uint8), np.array([0.0]), np.array([255.0])).tolist()
+        [[[0.0, 1.0]]]
+    """
+    a = np.asarray(data)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    lo = np.asarray(low, np.float32).reshape(shape)
+    span = (np.asarray(high, np.float32) - np.asarray(low, np.float32)).reshape(shape)
+    flat = span <= 0
+    out = (a.astype(np.float32) - lo) / np.where(flat, np.float32(1), span)
+    if flat.any():
+        out = np.where(flat, np.float32(0), out)
+    if clip:
+        np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -1,5 +1,7 @@
 """Read a single image (PNG, JPEG, TIFF) as 8-bit RGB together with its µm/px.
 
+This is the reader of RGB models; multi-channel (fluorescence) files are read by :mod:`cytoken.io.ifimage`.
+
 Conversions (each one announced with a :class:`CytokenWarning` through :func:`warnings.warn`, never silently):
 
 - grayscale (1 channel, or gray + alpha) is replicated to RGB;
@@ -224,8 +226,9 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, float | None, str, str]:
         axes = "".join(axes[i] for i in keep)
         if axes not in ("YX", "YXS", "SYX"):
             raise CytokenError(
-                f"{path}: TIFF image has shape {shape} (axes {axes}); cytoken reads one 2-D RGB or grayscale "
-                "image (multi-channel fluorescence, z-stacks and multi-page files are not supported)"
+                f"{path}: TIFF image has shape {shape} (axes {axes}); RGB models read one 2-D RGB or grayscale "
+                "image (multi-channel fluorescence, z-stacks and multi-page files are not supported); "
+                "multi-channel files need a model with named input channels (see docs/multichannel.md)"
             )
         h, w = shape[axes.index("Y")], shape[axes.index("X")]
         if h * w > _max_pixels():
@@ -295,9 +298,7 @@ def _read_pil(path: Path) -> np.ndarray:
         except Image.DecompressionBombError:
             raise _too_large(path, w, h) from None
         except Exception as exc:
-            raise CytokenError(
-                f"{path}: image data could not be decoded (truncated or corrupt file?): {exc}"
-            ) from None
+            raise CytokenError(f"{path}: image data could not be decoded (truncated or corrupt file?): {exc}") from None
         finally:
             if forced:
                 ImageFile.LOAD_TRUNCATED_IMAGES = forced
@@ -323,8 +324,9 @@ def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
     channels = arr.shape[2]
     if channels not in (1, 2, 3, 4):
         raise CytokenError(
-            f"{path}: {channels} channels per pixel are not supported "
-            "(expected 1 = gray, 2 = gray+alpha, 3 = RGB, 4 = RGBA)"
+            f"{path}: {channels} channels per pixel are not supported for RGB models "
+            "(expected 1 = gray, 2 = gray+alpha, 3 = RGB, 4 = RGBA); multi-channel images need a model with "
+            "named input channels (see docs/multichannel.md)"
         )
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
@@ -357,9 +359,7 @@ def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- public
-def read_image(
-    path: str | os.PathLike[str], mpp: float | None = None, *, require_mpp: bool = True
-) -> LoadedImage:
+def read_image(path: str | os.PathLike[str], mpp: float | None = None, *, require_mpp: bool = True) -> LoadedImage:
     """Read a PNG, JPEG or TIFF image as (H, W, 3) uint8 RGB with its µm/px.
 
     Args:

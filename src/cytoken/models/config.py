@@ -33,6 +33,11 @@ class SegmenterConfig(BaseModel):
         num_tissue: tissue classes (0 = no tissue head).
         tissue_names: names of the tissue classes.
         hv_activation: ``tanh`` (cytoken models) or ``identity`` (CellViT checkpoints).
+        postprocess: post-processing parameters tuned for this model (field names of
+            :class:`cytoken.postprocess.HoverConfig`, e.g. ``{"fg_threshold": 0.5}``); the pipeline uses them unless
+            the user passes a post-processing config. Empty = the :class:`~cytoken.postprocess.HoverConfig` defaults.
+        type_tokens: add a token-level type head on the last-layer tokens (see
+            :class:`~cytoken.models.heads.HoverHeads`); needs ``num_classes``.
         mpp: µm/px the model works at.
         in_chans: input channels (3 for RGB). The encoder is built with 3 channels (so released weights load) and
             its image convolutions widened (see :mod:`cytoken.models.multichannel`).
@@ -57,6 +62,8 @@ class SegmenterConfig(BaseModel):
     num_tissue: int = Field(0, ge=0)
     tissue_names: list[str] = Field(default_factory=list)
     hv_activation: Literal["tanh", "identity"] = "tanh"
+    type_tokens: bool = False
+    postprocess: dict[str, float | int | bool | None] = Field(default_factory=dict)
     mpp: float = Field(0.25, gt=0)
     in_chans: int = Field(3, ge=1)
     channels: list[InputChannel] = Field(default_factory=list)
@@ -80,6 +87,8 @@ class SegmenterConfig(BaseModel):
             raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
         if self.class_colors and len(self.class_colors) != self.num_classes:
             raise ValueError(f"{len(self.class_colors)} class_colors for num_classes={self.num_classes}")
+        if self.type_tokens and not self.num_classes:
+            raise ValueError("type_tokens needs a type head: set num_classes")
         if self.overlap >= self.tile_size:
             raise ValueError(f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
         return self
@@ -121,6 +130,7 @@ def build_segmenter(config: SegmenterConfig) -> CellSegmenter:
         tissue_in=tissue_in,
         num_tissue=config.num_tissue,
         hv_activation=config.hv_activation,
+        token_types_in=d if config.type_tokens else 0,
     )
     model = CellSegmenter(enc, dec, heads)
     model.config = config  # type: ignore[assignment]

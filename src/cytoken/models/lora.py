@@ -5,7 +5,9 @@ the original ``weight``/``bias`` parameters *under their original names* and add
 (out × r), so ``y = x Wᵀ + b + (α / r) · x Aᵀ Bᵀ``. ``B`` starts at zero, so the adapted model starts identical to the
 frozen one. Only the LoRA tensors are saved (:func:`save_lora`, a small safetensors file with the layer list in its
 metadata); :func:`load_lora` adds the layers named in the file and loads them strictly; :func:`merge_lora` folds
-``(α / r) · B A`` into ``W`` and puts plain ``nn.Linear`` layers back for inference (state dict = the base layout).
+``(α / r) · B A`` into ``W`` and puts plain ``nn.Linear`` layers back for inference (state dict = the base layout);
+:func:`merged_state_dict` gives those merged weights without changing the model (the trainer saves its merged
+weight files that way while training goes on).
 
 Why not ``peft``: it installs (with transformers, accelerate and tokenizers) and its ``inject_adapter_in_model``
 works on these plain modules, but it renames the frozen weights (``attn.qkv.base_layer.weight``) so cytoken's strict
@@ -36,6 +38,7 @@ __all__ = [
     "lora_layers",
     "lora_state_dict",
     "merge_lora",
+    "merged_state_dict",
     "save_lora",
 ]
 
@@ -88,13 +91,24 @@ class LoRALinear(nn.Linear):
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + self.scaling * update
 
+    def merged_weight(self) -> torch.Tensor:
+        """``W + (α / r) · B A`` as a new tensor (computed in float32, returned in ``W``'s dtype; no autograd).
+
+        Example:
+            >>> lora = LoRALinear(nn.Linear(8, 4), rank=2, alpha=4.0)
+            >>> bool(torch.equal(lora.merged_weight(), lora.weight))  # B is still zero
+            True
+        """
+        with torch.no_grad():
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+            return (self.weight.float() + delta).to(self.weight.dtype)
+
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ``W + (α / r) · B A`` (and the same bias and ``requires_grad``)."""
         with torch.device(self.weight.device):
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
-            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-            lin.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype))
+            lin.weight = nn.Parameter(self.merged_weight())
             if self.bias is not None:
                 lin.bias = self.bias
         lin.weight.requires_grad_(self.weight.requires_grad)
@@ -280,6 +294,31 @@ def load_lora(model: nn.Module, path: str | Path, *, freeze: bool = True) -> lis
     if freeze:
         _freeze(model)
     return list(spec)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict :func:`merge_lora` would leave ``model`` with, without changing ``model``.
+
+    LoRA tensors are left out and every adapted layer's ``weight`` is its merged weight (the same arithmetic as
+    :func:`merge_lora`), so the result loads strictly into the architecture without LoRA. Tensors stay on their
+    device, detached; those of layers without LoRA are the model's own (no copy).
+
+    Example:
+        >>> from cytoken.models import build_encoder
+        >>> enc = build_encoder("vit_tiny_test")
+        >>> plain_keys = set(enc.state_dict())
+        >>> _ = add_lora(enc, rank=2)
+        >>> set(merged_state_dict(enc)) == plain_keys, len(lora_layers(enc))
+        (True, 4)
+    """
+    layers = lora_layers(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith((".lora_A", ".lora_B")) or k in ("lora_A", "lora_B"):
+            continue
+        layer, _, leaf = k.rpartition(".")
+        out[k] = layers[layer].merged_weight() if leaf == "weight" and layer in layers else v.detach()
+    return out
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -90,7 +90,7 @@ class CellSegmenter(nn.Module):
             x_enc = F.interpolate(x, size=(h // p * p, w // p * p), mode="area")
         feats = self.encoder(x_enc)
         branch = self.decoder(x_enc, feats.skips, (h, w))
-        nuclei, hv, types, tissue = self.heads(branch, self.encoder.tissue_features(feats))
+        nuclei, hv, types, tissue = self.heads(branch, self.encoder.tissue_features(feats), feats.tokens)
         if nuclei.shape[-2:] != (h, w):
             up = lambda t: F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)  # noqa: E731
             nuclei, hv = up(nuclei), up(hv)

@@ -1,14 +1,30 @@
 """Cell classifiers on cached embeddings: building labelled sets, and re-labelling existing outputs.
 
-``build_embedding_set`` segments every image of a dataset once (cached on disk, keyed by model sha256 + image hash),
-matches the dataset's labels to the detected cells — points one-to-one within a radius (15 px at 0.25 µm/px), or
-instance/type masks by IoU — and returns the matched cells' embeddings. ``apply_bundle`` re-labels the cells of an
-existing ``cytoken segment`` output from its stored embeddings, without re-running segmentation.
+``build_embedding_set`` segments every image of a dataset once (cached on disk, keyed by model sha256 + image hash +
+segmentation settings), matches the dataset's labels to the detected cells — points one-to-one within a radius
+(15 px at 0.25 µm/px), or instance/type masks by IoU — and returns the matched cells' embeddings.
+
+``build_slide_embedding_set`` does the same for slides (or any image file) labelled in QuPath (GeoJSON points or
+classified objects, see :mod:`cytoken.io.datasets.qupath`). The cells of a slide come, in this order, from:
+
+1. an existing ``cytoken segment`` output of that slide (``--segment-output``): its ``cells.parquet`` ids and
+   centroids and ``embeddings.npy`` are imported, after checking that it was made by the same model (sha256), with
+   the same embedding pooling, from a file of the same name and size; the model is not run;
+2. the embedding cache (:class:`~cytoken.embeddings.EmbeddingCache`), keyed by model sha256 + input hash (a cheap
+   fingerprint of the slide file: size, mtime and first/last MiB, plus the pooling mode) + cell id; each entry
+   also stores the cells' centroids, so a repeated call needs neither the model nor the output folder;
+3. otherwise the slide is segmented once (only the region around the labels plus a 64 µm margin; the folder is
+   written to ``--segment-output`` or into the cache) and imported as in 1.
+
+``apply_bundle`` re-labels the cells of an existing ``cytoken segment`` output from its stored embeddings, without
+re-running segmentation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,34 +32,49 @@ from typing import Any
 import numpy as np
 
 from cytoken.classify.bundle import ClassifierBundle, check_compatible
-from cytoken.classify.dataset import LabelledCells, label_cells_from_masks, match_points
-from cytoken.embeddings import array_sha256
+from cytoken.classify.dataset import DEFAULT_MATCH_RADIUS_UM, LabelledCells, label_cells_from_masks, match_points
+from cytoken.embeddings import EmbeddingCache, array_sha256
+from cytoken.embeddings.cache import CacheEntry, file_fingerprint
 from cytoken.io.atomic import atomic_dir, atomic_write_bytes
 from cytoken.io.cellstore import load_cells, save_cells
 from cytoken.io.datasets.base import Dataset
+from cytoken.io.datasets.qupath import DEFAULT_MAX_OBJECT_UM2, QuPathLabels, read_qupath_geojson
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
 from cytoken.pipeline.outputs import CellOutputWriter
 from cytoken.pipeline.predictor import Predictor
-from cytoken.types import CellSet, CytokenError
+from cytoken.types import Bounds, CellSet, CytokenError
 from cytoken.weights import ModelInfo
 
 __all__ = [
+    "ROI_MARGIN_UM",
     "apply_bundle",
     "build_embedding_set",
+    "build_slide_embedding_set",
     "load_embedding_set",
     "read_output_cells",
     "relabel",
     "save_embedding_set",
+    "slide_input_hash",
 ]
+
+ROI_MARGIN_UM = 64.0
+"""Margin around the labels' bounding box when a slide has to be segmented for a classifier set."""
+
+
+def _settings_key(mpp: float, config: SegmentConfig) -> str:
+    """Digest of everything that changes the cells of an image (not batch size or device)."""
+    text = f"{mpp:.4f};{replace(config, batch_size=1, device='cpu')!r}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _segment_cached(
     image: np.ndarray, mpp: float, predictor: Predictor, info: ModelInfo, cache: Path | None, config: SegmentConfig
 ) -> tuple[CellSet, np.ndarray]:
+    """Cells + instance map of an image, cached as ``<cache>/<model sha256>/<image sha256>_<settings>.*.npz``."""
     if cache is None:
         return segment_image_with_labels(image, predictor, mpp, config=config)
-    key = array_sha256(image)[:24] + f"_{mpp:.4f}_{config.embeddings}"
-    folder = cache / info.sha256[:16]
+    key = f"{array_sha256(image)[:32]}_{_settings_key(mpp, config)}"
+    folder = cache / info.sha256
     cells_f, lab_f = folder / f"{key}.cells.npz", folder / f"{key}.labels.npz"
     if cells_f.is_file() and lab_f.is_file():
         with np.load(lab_f) as z:
@@ -59,6 +90,26 @@ def _segment_cached(
     return cells, labels
 
 
+def _per_class(labels: np.ndarray, matched: np.ndarray, n_classes: int) -> dict[str, list[int]]:
+    """Labels and matched labels per class id 1..C (lists of C counts)."""
+    lab = np.asarray(labels, np.int64)
+    ok = np.zeros(len(lab), bool)
+    ok[np.asarray(matched, np.int64)] = True
+    count = lambda v: np.bincount(v[(v >= 1) & (v <= n_classes)] - 1, minlength=n_classes).tolist()  # noqa: E731
+    return {"labels_per_class": count(lab), "matched_per_class": count(lab[ok])}
+
+
+def _totals(per_image: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("n_labels", "n_matched", "n_cells", "n_unclassified", "n_unsupported", "n_too_large")
+    total = {k: int(sum(r.get(k, 0) for r in per_image)) for k in keys if any(k in r for r in per_image)}
+    total["match_rate"] = round(total["n_matched"] / max(1, total["n_labels"]), 4)
+    for k in ("labels_per_class", "matched_per_class"):
+        rows = [r[k] for r in per_image if k in r]
+        if rows:
+            total[k] = np.sum(rows, axis=0).astype(int).tolist()
+    return total
+
+
 def build_embedding_set(
     dataset: Dataset,
     predictor: Predictor,
@@ -72,9 +123,23 @@ def build_embedding_set(
 ) -> tuple[LabelledCells, dict[str, Any]]:
     """Segment each image (once, cached), match its labels to detected cells and collect their embeddings.
 
+    Args:
+        dataset: a dataset adapter with classes (points or instance + type maps).
+        predictor: the segmentation model.
+        info: its identity (the sha256 keys the cache).
+        mpp: µm/px overriding the dataset's.
+        cache_dir: segmentation cache folder (None: no cache).
+        limit: only the first ``limit`` images.
+        config: segmentation options (``embeddings`` must not be ``"none"``).
+        progress: show a progress bar.
+
     Returns:
         The labelled cells (embeddings, class index 0..C-1, image as group) and a match report per image plus
-        totals (``n_labels``, ``n_matched``).
+        totals (``n_labels``, ``n_matched``, ``n_cells``, ``match_rate``, per-class label and match counts for
+        point labels, and the skipped-object counts of QuPath label files).
+
+    Raises:
+        CytokenError: no embeddings, no classes, an unreadable sample or label file, or no label matched.
     """
     config = config or SegmentConfig()
     if config.embeddings == "none":
@@ -89,8 +154,12 @@ def build_embedding_set(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"embeddings {dataset.name}/{dataset.split}", unit="img")
+    label_report = getattr(dataset, "label_report", None)
     for i in it:
-        s = dataset[i]
+        try:
+            s = dataset[i]
+        except (ValueError, FileNotFoundError) as exc:  # a bad sample is the user's data, not a crash
+            raise CytokenError(str(exc)) from None
         m = mpp or s.mpp or dataset.mpp
         if m is None:
             raise CytokenError(f"{s.source_id}: µm/px unknown; pass --mpp")
@@ -102,24 +171,235 @@ def build_embedding_set(
             index = np.searchsorted(cells.ids, pred_ids)
             rep = {"n_labels": rep["n_gt"], "n_matched": rep["n_labelled"], "n_cells": len(cells)}
         elif s.points is not None and s.point_labels is not None:
-            pm = match_points(s.points, cells.centroids, mpp=m) if len(s.points) else None
-            if pm is None:
+            if not len(s.points):
                 continue
-            index, cls = pm.cell_index, s.point_labels[pm.label_index]
-            rep = {"n_labels": pm.n_labels, "n_matched": pm.n_matched, "n_cells": len(cells)}
+            try:
+                pm = match_points(s.points, cells.centroids, mpp=m)
+                index, matched = pm.cell_index, pm.label_index
+            except CytokenError:  # no label of this image near a cell: counted, the other images still count
+                index = matched = np.zeros(0, np.int64)
+            cls = s.point_labels[matched]
+            rep = {"n_labels": len(s.points), "n_matched": len(matched), "n_cells": len(cells),
+                   **_per_class(s.point_labels, matched, len(names))}  # fmt: skip
         else:
             raise CytokenError(f"{s.source_id}: no labels (points or instance+type maps) to build a classifier set")
         keep = cls > 0
         xs.append(cells.embeddings[index[keep]].astype(np.float32))
         ys.append(cls[keep].astype(np.int64) - 1)
         gs += [s.source_id] * int(keep.sum())
-        per_image.append({"image": s.source_id, **rep})
+        extra = label_report(i) if callable(label_report) else {}
+        per_image.append({"image": s.source_id, **{k: v for k, v in extra.items() if k != "n_labels"}, **rep})
     if not xs or not sum(len(x) for x in xs):
         raise CytokenError(f"no label of {dataset.name}/{dataset.split} matched a detected cell")
     cells_set = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), names)
-    total = {k: int(sum(r[k] for r in per_image)) for k in ("n_labels", "n_matched", "n_cells")}
-    total["match_rate"] = round(total["n_matched"] / max(1, total["n_labels"]), 4)
-    return cells_set, {"images": per_image, **total}
+    return cells_set, {"images": per_image, **_totals(per_image)}
+
+
+# ------------------------------------------------------------------------------------------------ slides
+def slide_input_hash(path: str | Path, embeddings: str) -> str:
+    """The cache input hash of a slide file: its :func:`~cytoken.embeddings.cache.file_fingerprint` + pooling mode.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "s.svs"; _ = p.write_bytes(b"x")
+        >>> slide_input_hash(p, "mask").endswith("-mask")
+        True
+    """
+    return f"slide-{file_fingerprint(path)}-{embeddings}"
+
+
+def _output_folder(segment_output: Path | None, slide: Path) -> tuple[Path | None, Path | None]:
+    """``(existing output folder or None, parent to segment into or None)`` for a slide."""
+    if segment_output is None:
+        return None, None
+    if (segment_output / "run.json").is_file():  # the output folder itself
+        return segment_output, segment_output.parent
+    own = segment_output / slide.stem
+    return (own if (own / "run.json").is_file() else None), segment_output
+
+
+def _import_output(
+    folder: Path, slide: Path, dims: tuple[int, int], info: ModelInfo, embeddings: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Ids, centroids and embeddings of a ``cytoken segment`` output, checked against the slide and model."""
+    import pyarrow.parquet as pq
+
+    raw = (folder / "run.json").read_bytes()
+    run = json.loads(raw)
+    sha = run.get("model", {}).get("sha256")
+    if sha != info.sha256:
+        raise CytokenError(
+            f"{folder} was segmented with model {run.get('model', {}).get('name')!r} (sha256 {str(sha)[:12]}...), "
+            f"not {info.name!r} (sha256 {info.sha256[:12]}...): its embeddings do not fit; segment the slide with "
+            f"--model {info.name} or drop --segment-output"
+        )
+    if run.get("embeddings", "mask") != embeddings:
+        raise CytokenError(f"{folder} holds {run.get('embeddings')!r} embeddings, not {embeddings!r}: pass "
+                           f"--embeddings {run.get('embeddings')} or re-segment")  # fmt: skip
+    src = Path(str(run.get("input", "")))
+    if src.name != slide.name:
+        raise CytokenError(f"{folder} is the output of {src.name!r}, not of {slide.name!r}")
+    size = run.get("slide_dimensions") or run.get("image_size")
+    if size is not None and tuple(int(v) for v in size) != tuple(dims):
+        raise CytokenError(f"{folder} was made from a {size[0]}x{size[1]} image, but {slide} is {dims[0]}x{dims[1]}")
+    if not (folder / "embeddings.npy").is_file():
+        raise CytokenError(f"{folder} has no embeddings.npy (segmented with --embeddings none?)")
+    table = pq.read_table(folder / "cells.parquet", columns=["id", "x", "y"])
+    emb = np.load(folder / "embeddings.npy")
+    if len(emb) != table.num_rows:
+        raise CytokenError(f"{folder}: embeddings.npy has {len(emb)} rows but cells.parquet {table.num_rows}")
+    ids = table.column("id").to_numpy().astype(np.int64)
+    xy = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1).astype(np.float64)
+    meta = {"source": str(folder), "source_sig": hashlib.sha256(raw).hexdigest()[:16], "roi": run.get("roi"),
+            "slide": str(slide)}  # fmt: skip
+    return ids, xy, emb, meta
+
+
+def _covers(roi: Sequence[int] | None, box: tuple[float, float, float, float]) -> bool:
+    if roi is None:
+        return True
+    x, y, w, h = roi
+    return x <= box[0] and y <= box[1] and box[2] <= x + w and box[3] <= y + h
+
+
+def _slide_cells(
+    slide: Path, dims: tuple[int, int], slide_mpp: float, box: tuple[float, float, float, float], info: ModelInfo,
+    cache: EmbeddingCache, config: SegmentConfig, *, predictor: Predictor | None, segment_output: Path | None,
+    work_dir: Path, mpp: float | None, progress: bool,
+) -> tuple[CacheEntry, str, str]:  # fmt: skip
+    """The slide's cell table (ids, centroids, embeddings) from an output folder, the cache, or a new segmentation."""
+    key = slide_input_hash(slide, config.embeddings)
+    entry = cache.load_entry(info.sha256, key)
+    folder, parent = _output_folder(segment_output, slide)
+    if folder is not None:
+        sig = hashlib.sha256((folder / "run.json").read_bytes()).hexdigest()[:16]
+        if entry is not None and entry.meta.get("source_sig") == sig:
+            return entry, key, "cache"
+        source = "segment-output"
+    elif entry is not None and _covers(entry.meta.get("roi"), box):
+        return entry, key, "cache"
+    else:
+        if predictor is None:
+            raise CytokenError(f"{slide}: no segment output and no cached embeddings; a model is needed")
+        from cytoken.pipeline.slide import SlideConfig, segment_slide
+
+        margin = ROI_MARGIN_UM / slide_mpp
+        x0, y0 = max(0, int(box[0] - margin)), max(0, int(box[1] - margin))
+        x1, y1 = min(dims[0], int(np.ceil(box[2] + margin)) + 1), min(dims[1], int(np.ceil(box[3] + margin)) + 1)
+        old = entry.meta.get("roi") if entry is not None else None
+        if old is not None:  # grow the region of an earlier run rather than replace it
+            x0, y0 = min(x0, old[0]), min(y0, old[1])
+            x1, y1 = max(x1, old[0] + old[2]), max(y1, old[1] + old[3])
+        roi = Bounds(x0, y0, x1 - x0, y1 - y0)
+        parent = parent or work_dir / info.sha256[:16]
+        cfg = SlideConfig(segment=config, mpp=mpp, roi=roi, detect_tissue=False, read_workers=0, decode_workers=0)
+        segment_slide(slide, parent, predictor, info, cfg, progress=progress)
+        folder, source = parent / slide.stem, "segmented"
+    ids, xy, emb, meta = _import_output(folder, slide, dims, info, config.embeddings)
+    cache.put(info.sha256, key, ids, emb, columns={"centroids": xy}, meta=meta, replace=True)
+    entry = cache.load_entry(info.sha256, key)
+    if entry is None:  # pragma: no cover - just written
+        raise CytokenError(f"embedding cache entry for {slide} was not written")
+    return entry, key, source
+
+
+def build_slide_embedding_set(
+    slides: Sequence[str | Path],
+    labels: Sequence[str | Path],
+    info: ModelInfo,
+    *,
+    cache_dir: str | Path,
+    predictor: Predictor | None = None,
+    segment_output: str | Path | None = None,
+    mpp: float | None = None,
+    class_names: Sequence[str] | None = None,
+    config: SegmentConfig | None = None,
+    max_object_um2: float | None = DEFAULT_MAX_OBJECT_UM2,
+    radius_um: float = DEFAULT_MATCH_RADIUS_UM,
+    progress: bool = True,
+) -> tuple[LabelledCells, dict[str, Any]]:
+    """Labelled cell embeddings of slides annotated in QuPath, reusing segment outputs and the embedding cache.
+
+    See the module docstring for where a slide's cells come from. Labels (points, or centroids of classified
+    polygons) are matched one-to-one to cell centroids within ``radius_um``; the matched cells' embeddings are
+    read from the cache by cell id.
+
+    Args:
+        slides: slide (or image) files.
+        labels: one QuPath GeoJSON export per slide, in level-0 pixel coordinates.
+        info: the segmentation model's identity (its sha256 keys the cache and must match segment outputs).
+        cache_dir: cache folder (embeddings under ``embeddings/``, slides segmented here under ``segment/``).
+        predictor: the model, only used when a slide has neither a segment output nor a cache entry.
+        segment_output: a ``cytoken segment --out`` folder holding ``<stem>/`` per slide (or, for one slide, the
+            output folder itself); a missing slide output is written there.
+        mpp: level-0 µm/px overriding the slides' metadata (required for plain images).
+        class_names: classes 1..C in this order (default: every class of the label files, sorted).
+        config: segmentation options (the ``embeddings`` pooling is part of the cache key).
+        max_object_um2: polygons above this area are regions, not nuclei, and skipped (None keeps all).
+        radius_um: matching radius in µm.
+        progress: progress bars when a slide is segmented.
+
+    Returns:
+        The labelled cells (group = slide file stem) and a report: per slide the label file counts, ``n_cells``,
+        ``n_matched``, ``source`` (``cache``, ``segment-output`` or ``segmented``) and the per-class counts, plus
+        totals.
+
+    Raises:
+        CytokenError: mismatched inputs, a label file problem (named), a segment output from another model, or no
+            label near any cell.
+
+    Example:
+        >>> cells, report = build_slide_embedding_set(["s.svs"], ["s.geojson"], info, cache_dir="cache",
+        ...                                           segment_output="seg")  # doctest: +SKIP
+    """
+    from cytoken.io.slide import open_slide
+
+    config = config or SegmentConfig()
+    if config.embeddings == "none":
+        raise CytokenError("a classifier dataset needs embeddings (use --embeddings mask or bbox)")
+    slide_paths, label_paths = [Path(p) for p in slides], [Path(p) for p in labels]
+    if not slide_paths or len(slide_paths) != len(label_paths):
+        raise CytokenError(f"give one label file per slide: {len(slide_paths)} slides, {len(label_paths)} label files")
+    stems = [p.stem for p in slide_paths]
+    if len(set(stems)) != len(stems):
+        raise CytokenError(f"slide names must be unique (they name the groups of the split): {stems}")
+    cache_dir = Path(cache_dir)
+    cache = EmbeddingCache(cache_dir / "embeddings")
+    out = None if segment_output is None else Path(segment_output)
+    if out is not None and len(slide_paths) > 1 and (out / "run.json").is_file():
+        raise CytokenError(f"{out} is the output of one slide; for several slides pass the folder holding them")
+    read: list[tuple[Path, tuple[int, int], float, QuPathLabels]] = []
+    for sp, lp in zip(slide_paths, label_paths):
+        if not sp.is_file():
+            raise CytokenError(f"slide not found: {sp}")
+        with open_slide(sp, mpp=mpp) as slide:
+            dims, smpp = tuple(int(v) for v in slide.dimensions), float(slide.mpp)
+        max_px = None if max_object_um2 is None else max_object_um2 / (smpp * smpp)
+        read.append((sp, dims, smpp, read_qupath_geojson(lp, image_size=dims, max_area_px=max_px)))  # type: ignore[arg-type]
+    names = tuple(class_names) if class_names else tuple(sorted({n for *_, lab in read for n in lab.names}))
+    xs, ys, gs, per_slide = [], [], [], []
+    for sp, dims, smpp, lab in read:
+        cls_all = lab.class_ids(names)
+        p = lab.points
+        box = (float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max()))
+        entry, key, source = _slide_cells(sp, dims, smpp, box, info, cache, config, predictor=predictor,
+                                          segment_output=out, work_dir=cache_dir / "segment", mpp=mpp,
+                                          progress=progress)  # fmt: skip
+        try:
+            pm = match_points(p, entry.columns["centroids"], mpp=smpp, radius_um=radius_um)
+        except CytokenError as exc:
+            raise CytokenError(f"{lab.path}: {exc}") from None
+        emb = cache.get(info.sha256, key, entry.ids[pm.cell_index])
+        if emb is None:  # pragma: no cover - the ids come from the entry itself
+            raise CytokenError(f"embedding cache entry of {sp} lost cells")
+        xs.append(emb.astype(np.float32))
+        ys.append(cls_all[pm.label_index] - 1)
+        gs += [sp.stem] * pm.n_matched
+        per_slide.append({"image": sp.stem, "slide": str(sp), "source": source, **lab.report(),
+                          "n_labels": pm.n_labels, "n_matched": pm.n_matched, "n_cells": len(entry),
+                          **_per_class(cls_all, pm.label_index, len(names))})  # fmt: skip
+    cells = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), names)
+    return cells, {"images": per_slide, **_totals(per_slide)}
 
 
 def save_embedding_set(cells: LabelledCells, path: Path, *, model_sha256: str, report: dict[str, Any]) -> Path:

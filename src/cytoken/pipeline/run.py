@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cytoken.io.atomic import atomic_dir
-from cytoken.io.image import read_image
-from cytoken.pipeline.image import SegmentConfig, segment_image
-from cytoken.pipeline.outputs import CellOutputWriter
+from cytoken.pipeline.image import SegmentConfig, input_overlay, load_input, segment_image
+from cytoken.pipeline.outputs import CellOutputWriter, output_folder
 from cytoken.pipeline.predictor import Predictor
 from cytoken.types import CellSet
 from cytoken.weights import ModelInfo
@@ -50,22 +48,27 @@ def segment_image_file(
     overlay: bool = True,
     progress: bool = False,
     classifier: Any = None,
+    he: Path | None = None,
 ) -> dict[str, Any]:
     """Segment one image file into ``out_dir/<stem>/`` (atomically). Returns the run summary.
 
     ``classifier`` (a :class:`~cytoken.classify.ClassifierBundle`) re-labels the cells from their embeddings.
+    Multi-channel models read the file's channels by name (:func:`~cytoken.pipeline.image.load_input`); ``he``
+    is an H&E image stacked with it as channels R, G, B.
     """
-    loaded = read_image(path, mpp)
-    cells = segment_image(loaded.array, predictor, loaded.mpp, config=config, progress=progress)  # type: ignore[arg-type]
+    mc = predictor.model.config  # type: ignore[attr-defined]
+    loaded = load_input(path, mc, mpp=mpp, he=he)
+    cells = segment_image(loaded.image, predictor, loaded.mpp, config=config, progress=progress, he=loaded.he)
     if classifier is not None:
         from cytoken.pipeline.classifier import relabel
 
         cells = relabel(cells, classifier)
     final = Path(out_dir) / path.stem
     meta = {"image": str(path), "mpp": loaded.mpp, "model": info.name, "model_sha256": info.sha256}
-    with atomic_dir(final) as tmp:
+    with output_folder(final) as tmp:
         writer = CellOutputWriter(
             tmp,
+            final=final,
             type_map=type_map_of(cells),
             wsi_metadata={
                 "base_mpp": loaded.mpp,
@@ -77,7 +80,7 @@ def segment_image_file(
         try:
             writer.add(cells)
             if overlay:
-                CellOutputWriter.overlay(tmp, loaded.array, cells)
+                writer.write_overlay(input_overlay(loaded, mc, config), cells)
             summary = writer.close(
                 run_info(
                     path,
@@ -88,7 +91,8 @@ def segment_image_file(
                     mpp_source=loaded.mpp_source,
                     scale_to_model=cells.meta.get("scale"),
                     tiles=cells.meta.get("tiles"),
-                    image_size=[int(loaded.array.shape[1]), int(loaded.array.shape[0])],
+                    image_size=list(loaded.size),
+                    **({"channels": cells.meta["channels"]} if "channels" in cells.meta else {}),
                     classifier=None if classifier is None else str(classifier.path),
                 )
             )

@@ -35,16 +35,16 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from cytoken.io.atomic import atomic_dir, atomic_write_text
+from cytoken.io.atomic import atomic_write_text
 from cytoken.io.cellstore import load_cells, save_cells
 from cytoken.io.slide import open_slide
 from cytoken.io.slide.base import Slide
 from cytoken.io.slide.tissue import detect_tissue, load_tissue_mask
 from cytoken.io.tiling import Tile, TileGrid, model_image_size, mpp_scale
-from cytoken.pipeline.image import SegmentConfig, decode_spec
-from cytoken.pipeline.outputs import CellOutputWriter
+from cytoken.pipeline.image import SegmentConfig, decode_spec, slide_channel_plan
+from cytoken.pipeline.outputs import CellOutputWriter, OutputWriteError, output_folder, writing
 from cytoken.pipeline.predictor import Predictor
-from cytoken.pipeline.tiles import DecodeSpec, decode_tile
+from cytoken.pipeline.tiles import ChannelPlan, DecodeSpec, decode_tile
 from cytoken.types import Bounds, CellSet, CytokenError
 from cytoken.weights import ModelInfo
 
@@ -85,11 +85,14 @@ class SlideConfig:
 class _TileReader(TorchDataset):
     """Reads tiles by index; each worker process opens its own slide handle."""
 
-    def __init__(self, slide: Slide, tiles: list[Tile], tile_size: int, model_mpp: float) -> None:
+    def __init__(
+        self, slide: Slide, tiles: list[Tile], tile_size: int, model_mpp: float, channels: ChannelPlan | None = None
+    ) -> None:
         self.slide = slide
         self.tiles = tiles
         self.tile_size = tile_size
         self.model_mpp = model_mpp
+        self.channels = channels  # multi-channel models: (C, tile, tile) float windows instead of RGB
         self._handle: Slide | None = None
 
     def __len__(self) -> int:
@@ -99,6 +102,8 @@ class _TileReader(TorchDataset):
         if self._handle is None:
             self._handle = self.slide.reopen() if torch.utils.data.get_worker_info() else self.slide
         t = self.tiles[i]
+        if self.channels is not None:
+            return i, self.channels.read_slide_tile(self._handle, t.bounds, self.model_mpp)
         return i, self._handle.read_scaled(t.bounds, self.model_mpp)
 
     def __getstate__(self) -> dict:
@@ -138,7 +143,7 @@ def _plan(
     mask = None
     if config.tissue_mask is not None:
         mask = load_tissue_mask(config.tissue_mask, slide.dimensions)
-    elif config.detect_tissue:
+    elif config.detect_tissue and slide.is_rgb:  # fluorescence slides: no RGB thumbnail, every tile is read
         thumb, _ = slide.thumbnail(2048)
         mask = detect_tissue(thumb)
     whole = Bounds(0, 0, full_w, full_h)
@@ -176,6 +181,7 @@ def segment_slide(
         if slide.mpp > MAX_SLIDE_MPP:
             raise CytokenError(f"{path}: {slide.mpp:.3f} µm/px is coarser than {MAX_SLIDE_MPP} µm/px; cell-level "
                                "segmentation needs at least 20x scans (~0.5 µm/px)")  # fmt: skip
+        channels = slide_channel_plan(slide, mc, config.segment)
         grid, tiles, scale = _plan(slide, config, tile, overlap, mc.mpp)
         spec = decode_spec(seg, config.segment)
         bs = config.segment.batch_size
@@ -183,9 +189,18 @@ def segment_slide(
         plan_key = {"slide": str(path.resolve()), "model": info.sha256, "tiles": [t.index for t in tiles],
                     "tile": tile, "overlap": overlap, "mpp": slide.mpp, "batch": bs,
                     "embeddings": config.segment.embeddings}  # fmt: skip
-        done = _prepare_workdir(work, plan_key, config.resume)
-        _run_chunks(slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config, progress)
-        summary = _assemble(path, final, work, chunks, slide, info, config, predictor, tiles, scale, t0)
+        if channels is not None:
+            plan_key["channels"] = channels.describe()
+        with writing(work):
+            done = _prepare_workdir(work, plan_key, config.resume)
+        try:
+            _run_chunks(slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config,
+                        progress, channels=channels)  # fmt: skip
+            summary = _assemble(path, final, work, chunks, slide, info, config, predictor, tiles, scale, t0,
+                                channels=channels)  # fmt: skip
+        except OutputWriteError as exc:  # the finished chunks are intact: say how to reuse them
+            raise OutputWriteError(f"{exc}; the finished tiles are kept in {work}, rerun with --resume to continue "
+                                   "from them") from exc  # fmt: skip
     finally:
         slide.close()
     shutil.rmtree(work, ignore_errors=True)
@@ -209,12 +224,12 @@ def _prepare_workdir(work: Path, plan_key: dict, resume: bool) -> set[int]:
 
 def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[list[int]], done: set[int],
                 work: Path, predictor: Predictor, spec: DecodeSpec, scale: float, tile: int, model_mpp: float,
-                config: SlideConfig, progress: bool) -> None:  # fmt: skip
+                config: SlideConfig, progress: bool, channels: ChannelPlan | None = None) -> None:  # fmt: skip
     todo = [c for c in range(len(chunks)) if c not in done]
     if not todo:
         return
     order = [i for c in todo for i in chunks[c]]
-    reader = _TileReader(slide, [tiles[i] for i in order], tile, model_mpp)
+    reader = _TileReader(slide, [tiles[i] for i in order], tile, model_mpp, channels)
     bs = config.segment.batch_size
     loader = DataLoader(reader, batch_size=bs, num_workers=config.read_workers, collate_fn=_collate,
                         prefetch_factor=2 if config.read_workers else None,
@@ -236,10 +251,11 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
             c, futs = pending.popleft()
             parts = [f.result() if isinstance(f, Future) else f for f in futs]
             cells = CellSet.concat(parts, renumber=False) if parts else None
-            if cells is not None:
-                save_cells(cells, work / "chunks" / f"{c:06d}.npz")
-            state["done"].append(c)
-            atomic_write_text(work / "progress.json", json.dumps(state))
+            with writing(work / "chunks" / f"{c:06d}.npz"):
+                if cells is not None:
+                    save_cells(cells, work / "chunks" / f"{c:06d}.npz")
+                state["done"].append(c)
+                atomic_write_text(work / "progress.json", json.dumps(state))
             if bar is not None:
                 bar.update(len(chunks[c]))
 
@@ -275,6 +291,7 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
 def _assemble(
     path: Path, final: Path, work: Path, chunks: list[list[int]], slide: Slide, info: ModelInfo,
     config: SlideConfig, predictor: Predictor, tiles: list[Tile], scale: float, t0: float,
+    channels: ChannelPlan | None = None,
 ) -> dict:  # fmt: skip
     from cytoken.pipeline.run import run_info, type_map_of
 
@@ -286,9 +303,9 @@ def _assemble(
         names = tuple(config.classifier.class_names)
     meta = {"slide": str(path), "mpp": slide.mpp, "model": info.name, "model_sha256": info.sha256}
     next_id = 1
-    with atomic_dir(final) as tmp:
+    with output_folder(final) as tmp:
         writer = CellOutputWriter(
-            tmp, gzip_geojson=config.gzip_geojson, type_map=type_map_of(names),
+            tmp, final=final, gzip_geojson=config.gzip_geojson, type_map=type_map_of(names),
             wsi_metadata={"base_mpp": slide.mpp, "target_patch_mpp": mc.mpp, "shape": list(slide.dimensions)},
             geojson_meta=meta, id_seed=f"{path.name}:{info.sha256}",
         )  # fmt: skip
@@ -314,6 +331,7 @@ def _assemble(
                 read_workers=config.read_workers, decode_workers=config.decode_workers, peak_rss_mb=_peak_rss_mb(),
                 total_seconds=round(time.time() - t0, 2),
                 tiles_per_second=round(len(tiles) / max(1e-9, time.time() - t0), 3),
+                **({} if channels is None else {"channels": channels.describe()}),
             ))  # fmt: skip
         except BaseException:
             writer.abort()

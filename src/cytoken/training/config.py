@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cytoken.models.config import SegmenterConfig
+from cytoken.models.lora import LORA_TARGETS
 from cytoken.types import CytokenError
 
 __all__ = ["DataSource", "LossWeights", "PhaseConfig", "TrainConfig", "load_train_config"]
@@ -30,6 +31,8 @@ class DataSource(_Strict):
         split: split to read training data from.
         weight: relative sampling weight of this source in each epoch.
         val_fraction: fraction of this source's groups (images, or source tiles) held out for validation.
+        split_seed: seed of that split (default: the run's seed + the source's index), to keep a split fixed
+            across runs whose source lists differ.
         use_types: train the type head on this source's type maps (needs classes mapped onto the model's).
         class_map: maps this dataset's class names to the model's class names (default: same names).
         mpp: µm/px for adapters that need it (``folder``).
@@ -40,6 +43,7 @@ class DataSource(_Strict):
     split: str = "train"
     weight: float = Field(1.0, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int | None = None
     use_types: bool = True
     class_map: dict[str, str] = Field(default_factory=dict)
     mpp: float | None = None
@@ -70,17 +74,51 @@ class LossWeights(_Strict):
 class PhaseConfig(_Strict):
     """Phased fine-tuning (the UNI seed pipeline's two phases).
 
+    Phase 1 (epochs ``< freeze_encoder_epochs``) trains decoder and heads with the encoder frozen. Phase 2 then
+    either unfreezes the whole encoder (``unfreeze``) or trains LoRA adapters (:mod:`cytoken.models.lora`) on the
+    linear layers of its transformer blocks while the encoder's own weights stay frozen (``lora``). In both modes
+    the trained encoder parameters form their own optimiser group with learning rate ``encoder_lr``.
+
+    ``lora`` mode adds the adapters when the run starts, not when phase 2 begins: ``lora_B`` starts at zero, so the
+    model computes exactly what it would without them, and during phase 1 they do not require gradients (no
+    optimiser update, no weight decay). The optimiser, EMA, checkpoints (``last.pt`` holds the adapters and their
+    optimiser state) and DDP thus see one fixed set of parameters for the whole run, and ``--resume`` continues
+    exactly in either phase. Phase 2 trains the LoRA tensors and, when the encoder carries one, the CellVTA adapter
+    (``encoder_kwargs.adapter``, new weights as well); every other encoder weight, widened multi-channel input
+    convolutions included, is never updated. Outputs: ``final.safetensors`` / ``best.safetensors`` hold the merged
+    model (plain weights, ``load_segmenter`` needs no LoRA code), ``lora_adapters.safetensors`` /
+    ``best_lora_adapters.safetensors`` the same (EMA) adapters alone, for ``load_lora(model.encoder, path)`` on a
+    model with the frozen foundation weights. The adapters alone do not hold the trained decoder and heads.
+
     Attributes:
-        freeze_encoder_epochs: epochs of phase 1 with the encoder frozen (0 = train everything from the start).
-        encoder_mode: phase 2: ``unfreeze`` the encoder, or add ``lora`` adapters (needs the ``peft`` package).
-        encoder_lr: learning rate of encoder parameters in phase 2 (default: the main learning rate).
-        lora_rank: LoRA rank in ``lora`` mode.
+        freeze_encoder_epochs: epochs of phase 1 with the encoder frozen (0 = phase 2 from the start).
+        encoder_mode: phase 2: ``unfreeze`` the encoder, or train ``lora`` adapters on it.
+        encoder_lr: learning rate of the encoder parameters phase 2 trains (all of them with ``unfreeze``, the
+            adapters with ``lora``); default: the main learning rate ``lr``. The schedule applies to it as well.
+        lora_rank: LoRA rank r (``lora`` mode only, as all ``lora_*`` keys).
+        lora_alpha: LoRA scaling numerator: the update of a weight is ``(lora_alpha / lora_rank) · B A``.
+        lora_dropout: dropout on the input of the LoRA branch while training.
+        lora_targets: linear layers of every transformer block that get adapters: ``qkv`` and ``proj``
+            (attention), ``fc1`` and ``fc2`` (ViT MLP), ``lin1`` and ``lin2`` (SAM MLP).
     """
 
     freeze_encoder_epochs: int = Field(0, ge=0)
     encoder_mode: Literal["unfreeze", "lora"] = "unfreeze"
     encoder_lr: float | None = Field(None, gt=0)
     lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["qkv", "proj"])
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in LORA_TARGETS]
+        if not v or bad:
+            raise ValueError(f"lora_targets {v!r}: allowed are {sorted(LORA_TARGETS)} (at least one)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lora_targets {v!r} names a layer twice")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -89,6 +127,8 @@ class TrainConfig(_Strict):
     Attributes:
         model: the segmenter to build (or to fine-tune, see ``init_weights``).
         init_weights: optional cytoken weights file to start from.
+        init_strict: require ``init_weights`` to hold exactly ``model``'s architecture; ``false`` loads every tensor
+            that fits and starts the others fresh (e.g. a head added for fine-tuning), listing them.
         data: training sources.
         out_dir: run folder (checkpoints, ``metrics.csv``, final weights).
         crop_size: training crop size in px.
@@ -103,13 +143,20 @@ class TrainConfig(_Strict):
         warmup_epochs: linear warm-up length.
         amp: mixed precision (bfloat16 on CPU, float16 on CUDA) when the device supports it.
         ema_decay: exponential moving average of the weights (None = off); validation and the final model use it.
-        phases: phased fine-tuning.
+        phases: phased fine-tuning: frozen encoder, then the encoder unfrozen or LoRA adapters (see
+            :class:`PhaseConfig`).
         loss: loss weights.
         nuclei_loss: ``ce`` or ``focal_tversky`` for the nuclei map.
         class_weighted_sampling: oversample crops that contain rare classes.
+        trainable: train only the parameters whose names start with one of these prefixes (e.g.
+            ``[heads.types, heads.token_types]`` to train the type heads of a finished segmenter); the frozen rest
+            runs in inference mode (no dropout/drop-path, fixed batch-norm statistics). Empty = train everything.
+            Not combinable with ``phases``.
+        type_class_weights: weights of the type cross-entropy per class (background first, C + 1 values), or
+            ``balanced`` for median-frequency balancing from the training sources' type maps, or ``none``.
         augment: switch augmentation on/off.
         val_every: validate every N epochs.
-        early_stopping_metric: ``bpq``, ``dice`` or ``det_f1`` on the validation split.
+        early_stopping_metric: ``bpq``, ``dice``, ``det_f1`` or ``type_f1`` on the validation split.
         patience: epochs without improvement before stopping (0 = never).
         seed: global seed.
         num_workers: DataLoader worker processes.
@@ -119,6 +166,7 @@ class TrainConfig(_Strict):
 
     model: SegmenterConfig = Field(default_factory=SegmenterConfig)
     init_weights: Path | None = None
+    init_strict: bool = True
     data: list[DataSource]
     out_dir: Path
     crop_size: int = Field(256, ge=32)
@@ -137,9 +185,11 @@ class TrainConfig(_Strict):
     loss: LossWeights = Field(default_factory=LossWeights)
     nuclei_loss: Literal["ce", "focal_tversky"] = "ce"
     class_weighted_sampling: bool = False
+    trainable: list[str] = Field(default_factory=list)
+    type_class_weights: Literal["none", "balanced"] | list[float] = "none"
     augment: bool = True
     val_every: int = Field(1, ge=1)
-    early_stopping_metric: Literal["bpq", "dice", "det_f1"] = "bpq"
+    early_stopping_metric: Literal["bpq", "dice", "det_f1", "type_f1"] = "bpq"
     patience: int = Field(0, ge=0)
     seed: int = 0
     num_workers: int = Field(0, ge=0)
@@ -150,6 +200,16 @@ class TrainConfig(_Strict):
     def _check(self) -> TrainConfig:
         if not self.data:
             raise ValueError("data: at least one source is needed")
+        if self.trainable and (self.phases.freeze_encoder_epochs or self.phases.encoder_mode != "unfreeze"):
+            raise ValueError("trainable selects the trained parameters itself; leave phases at their defaults")
+        if isinstance(self.type_class_weights, list):
+            if len(self.type_class_weights) != self.model.num_classes + 1:
+                raise ValueError(
+                    f"type_class_weights needs {self.model.num_classes + 1} values (background + "
+                    f"{self.model.num_classes} classes), got {len(self.type_class_weights)}"
+                )
+            if any(w < 0 for w in self.type_class_weights):
+                raise ValueError("type_class_weights must not be negative")
         p = 16
         if self.crop_size % p:
             raise ValueError(f"crop_size {self.crop_size} must be a multiple of 16")

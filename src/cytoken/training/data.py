@@ -21,7 +21,15 @@ from cytoken.training.augment import AugmentConfig, augment, random_crop
 from cytoken.training.config import DataSource, TrainConfig
 from cytoken.types import CytokenError, Sample
 
-__all__ = ["CropDataset", "SourceData", "ValCrop", "load_sources", "make_targets", "split_groups"]
+__all__ = [
+    "CropDataset",
+    "SourceData",
+    "ValCrop",
+    "balanced_type_weights",
+    "load_sources",
+    "make_targets",
+    "split_groups",
+]
 
 IGNORE = -1
 
@@ -84,7 +92,8 @@ def load_sources(config: TrainConfig) -> list[SourceData]:
             raise CytokenError(f"data source {src.dataset} at {src.root}: {exc}") from None
         if len(ds) == 0:
             raise CytokenError(f"data source {src.dataset} at {src.root} ({src.split}) has no samples")
-        tr, va = split_groups(ds.groups, src.val_fraction, config.seed + k)
+        seed = src.split_seed if src.split_seed is not None else config.seed + k
+        tr, va = split_groups(ds.groups, src.val_fraction, seed)
         samples = [ds[i] for i in range(len(ds))]
         for s in samples:
             if s.inst_map is None:
@@ -95,6 +104,34 @@ def load_sources(config: TrainConfig) -> list[SourceData]:
             SourceData(src, [samples[i] for i in tr], [samples[i] for i in va], _class_lut(ds, src, names))
         )
     return out
+
+
+def balanced_type_weights(sources: list[SourceData], num_classes: int, clip: float = 10.0) -> np.ndarray:
+    """Median-frequency class weights (Eigen & Fergus 2015) for the type cross-entropy, background first.
+
+    Frequencies are pixel counts over the training samples of sources with type supervision; a class that never
+    occurs keeps weight 1. Weights are clipped to ``[1/clip, clip]``.
+
+    Raises:
+        CytokenError: when no source has type supervision.
+    """
+    counts = np.zeros(num_classes + 1, np.float64)
+    for s in sources:
+        if s.class_lut is None:
+            continue
+        for smp in s.train:
+            if smp.type_map is None or smp.inst_map is None:
+                continue
+            t = s.class_lut[np.clip(smp.type_map, 0, len(s.class_lut) - 1)]
+            t = np.where(smp.inst_map > 0, t, 0)
+            counts += np.bincount(t[t >= 0].ravel(), minlength=num_classes + 1)[: num_classes + 1]
+    if counts[1:].sum() == 0:
+        raise CytokenError("type_class_weights 'balanced' needs a training source with type maps (use_types)")
+    seen = counts > 0
+    freq = counts / counts.sum()
+    w = np.ones_like(freq)
+    w[seen] = np.median(freq[seen]) / freq[seen]
+    return np.clip(w, 1.0 / clip, clip)
 
 
 def make_targets(

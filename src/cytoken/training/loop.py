@@ -1,6 +1,8 @@
 """The segmenter training loop: phased fine-tuning, EMA, AMP, atomic checkpoints, exact resume, DDP-ready.
 
-Run as ``cytoken train segmenter --config FILE.yaml [--resume]``; scale out with
+Phase 1 trains decoder and heads with the encoder frozen; phase 2 unfreezes the encoder or trains LoRA adapters on it
+(see :class:`~cytoken.training.config.PhaseConfig`). Run as ``cytoken train segmenter --config FILE.yaml [--resume]``;
+scale out with
 ``torchrun --nproc_per_node N -m cytoken.cli.main train segmenter ...`` (gloo on CPU, NCCL on GPUs).
 """
 
@@ -24,10 +26,12 @@ from torch.utils.data import DataLoader
 from cytoken.io.atomic import atomic_path, atomic_write_text
 from cytoken.models.config import build_segmenter
 from cytoken.models.device import resolve_device
+from cytoken.models.lora import add_lora, lora_layers, merged_state_dict, save_lora
 from cytoken.models.segmenter import CellSegmenter
 from cytoken.models.store import load_segmenter, save_segmenter
+from cytoken.models.weights_io import load_state_dict_strict
 from cytoken.training.config import TrainConfig
-from cytoken.training.data import CropDataset, load_sources, validation_crops
+from cytoken.training.data import CropDataset, balanced_type_weights, load_sources, validation_crops
 from cytoken.training.losses import hover_loss
 from cytoken.training.validate import validate
 from cytoken.types import CytokenError
@@ -85,9 +89,68 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _set_encoder_trainable(model: CellSegmenter, trainable: bool) -> None:
-    for p in model.encoder.parameters():
+def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
+    for p in params:
         p.requires_grad_(trainable)
+
+
+def _add_lora(model: CellSegmenter, config: TrainConfig) -> None:
+    """Add the (zero-initialised) LoRA adapters of ``lora`` mode; every other encoder weight is frozen for good."""
+    ph = config.phases
+    try:
+        add_lora(model.encoder, ph.lora_rank, ph.lora_alpha, ph.lora_targets, dropout=ph.lora_dropout, freeze=True)
+    except ValueError as exc:
+        raise CytokenError(f"phases.encoder_mode 'lora' on encoder {config.model.encoder!r}: {exc}") from None
+
+
+def _phase2_params(model: CellSegmenter, lora: bool) -> list[torch.nn.Parameter]:
+    """The encoder parameters phase 2 trains: all (``unfreeze``), or LoRA tensors + a CellVTA adapter (``lora``)."""
+    if not lora:
+        return list(model.encoder.parameters())
+    return [
+        p for n, p in model.encoder.named_parameters() if n.endswith((".lora_A", ".lora_B")) or n.startswith("adapter.")
+    ]
+
+
+def _select_trainable(model: CellSegmenter, prefixes: list[str]) -> list[torch.nn.Module]:
+    """``TrainConfig.trainable``: freeze every parameter outside the prefixes; return the trained modules."""
+    if not prefixes:
+        return []
+    hit = lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)  # noqa: E731
+    n = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(hit(name))
+        n += hit(name)
+    if n == 0:
+        raise CytokenError(f"trainable {prefixes} matches no parameter of the model (e.g. heads.types, decoder)")
+    return [m for name, m in model.named_modules() if name and hit(name)]
+
+
+def _freeze_norm_stats(encoder: torch.nn.Module) -> None:
+    """Batch norms whose parameters are frozen keep their running statistics (e.g. a conv stem under LoRA)."""
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def _save_weights(model: CellSegmenter, path: Path) -> None:
+    """``save_segmenter``; a model with LoRA is saved merged (plain weights that load without any LoRA code)."""
+    if not lora_layers(model):
+        save_segmenter(model, path)
+        return
+    config = model.config  # type: ignore[attr-defined]
+    kwargs = {k: v for k, v in config.encoder_kwargs.items() if k != "pretrained"}  # weights come from `model`
+    with torch.device("meta"):
+        plain = build_segmenter(config.model_copy(update={"encoder_kwargs": kwargs}))
+    load_state_dict_strict(plain, merged_state_dict(model), what="merged LoRA segmenter", assign=True)
+    plain.config = config  # type: ignore[assignment]
+    save_segmenter(plain, path)
+
+
+def _save_adapters(model: CellSegmenter, path: Path, config: TrainConfig, epoch: int) -> None:
+    meta = {"encoder": config.model.encoder, "pretrained": str(config.model.encoder_kwargs.get("pretrained", "")),
+            "epoch": str(epoch + 1)}  # fmt: skip
+    save_lora(model.encoder, path, meta=meta)
 
 
 def train_segmenter(
@@ -124,15 +187,19 @@ def train_segmenter(
     val = validation_crops(sources, config.crop_size)
     per_rank_items = config.steps_per_epoch * config.batch_size * config.grad_accum
     data = CropDataset(sources, config, length=per_rank_items, rank=rank)
+    type_weights = _type_weights(config, sources, device)
 
-    model = load_segmenter(config.init_weights) if config.init_weights else build_segmenter(config.model)
-    if config.init_weights and model.config != config.model:  # type: ignore[attr-defined]
-        raise CytokenError(
-            f"init_weights {config.init_weights} hold a different architecture than config.model"
-        )
+    model = _initial_model(config, main)
+    # lora mode: the adapters exist from the start (B = 0: same outputs) and train only in phase 2, so optimiser,
+    # EMA, checkpoints and DDP see the same parameters in both phases
+    lora = config.phases.encoder_mode == "lora"
+    if lora:
+        _add_lora(model, config)
     model.to(device)
-    enc_params = list(model.encoder.parameters())
-    enc_ids = {id(p) for p in enc_params}
+    enc_params = _phase2_params(model, lora)
+    _set_trainable(enc_params, True)  # DDP only syncs parameters that require grad when it is built
+    chosen = _select_trainable(model, config.trainable)
+    enc_ids = {id(p) for p in model.encoder.parameters()}
     rest = [p for p in model.parameters() if id(p) not in enc_ids]
     enc_lr = config.phases.encoder_lr or config.lr
     opt = torch.optim.AdamW(
@@ -147,8 +214,6 @@ def train_segmenter(
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-    if config.phases.encoder_mode == "lora":
-        raise CytokenError("phases.encoder_mode 'lora' is not available yet in this version; use 'unfreeze'")
 
     start_epoch, best, bad_epochs, history = 0, -math.inf, 0, []
     if resume:
@@ -161,6 +226,14 @@ def train_segmenter(
                 f"--resume: the checkpoint {last_path} was trained with a different model architecture; "
                 "use a new out_dir or the same model config"
             )
+        saved_phases = ck["config"].get("phases", {})
+        if lora and any(saved_phases.get(k) != v for k, v in _lora_shape(config).items()):
+            raise CytokenError(
+                f"--resume: the checkpoint {last_path} was trained with other LoRA settings ({saved_phases}); "
+                "use a new out_dir or the same phases"
+            )
+        if not lora and saved_phases.get("encoder_mode") == "lora":
+            raise CytokenError(f"--resume: the checkpoint {last_path} has LoRA adapters; keep encoder_mode: lora")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -185,7 +258,8 @@ def train_segmenter(
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs):
         frozen = epoch < config.phases.freeze_encoder_epochs
-        _set_encoder_trainable(model, not frozen)
+        _set_trainable(enc_params, not frozen)
+        _select_trainable(model, config.trainable)
         data.set_epoch(epoch)
         loader = DataLoader(
             data,
@@ -195,6 +269,12 @@ def train_segmenter(
             worker_init_fn=_worker_init,
         )
         train_model.train()
+        if lora:
+            _freeze_norm_stats(model.encoder)
+        if chosen:
+            model.eval()
+            for module in chosen:
+                module.train()
         t0 = time.time()
         sums: dict[str, float] = {}
         bar = _progress(loader, progress and main, f"epoch {epoch + 1}/{config.epochs}")
@@ -204,7 +284,7 @@ def train_segmenter(
             x = model.preprocess(batch["image"])
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 out = train_model(x)
-            loss, terms = hover_loss(out, batch, config.loss, nuclei_loss=config.nuclei_loss)
+            loss, terms = hover_loss(out, batch, config.loss, nuclei_loss=config.nuclei_loss, type_weights=type_weights)
             if not torch.isfinite(loss):
                 raise CytokenError(
                     f"non-finite loss {float(loss)} at epoch {epoch + 1}, step {step + 1} ({terms}); "
@@ -235,15 +315,22 @@ def train_segmenter(
         if val and (epoch + 1) % config.val_every == 0 and main:
             metrics = validate(eval_model, val, device, mpp=config.model.mpp)
             row.update({f"val_{k}": round(v, 5) for k, v in metrics.items()})
-            score = metrics[config.early_stopping_metric]
+            score = metrics.get(config.early_stopping_metric, -math.inf)
             if score > best:
                 best, bad_epochs, improved = score, 0, True
             else:
                 bad_epochs += 1
         history.append(row)
         if main:
-            if improved or not val:
-                save_segmenter(eval_model, out_dir / "best.safetensors")
+            # final.safetensors: the latest (EMA) weights; best.safetensors: the best validated ones (or the
+            # latest while no validation has run). lora mode: both merged, and the adapters also saved alone
+            _save_weights(eval_model, out_dir / "final.safetensors")
+            if lora:
+                _save_adapters(eval_model, out_dir / "lora_adapters.safetensors", config, epoch)
+            if improved or best == -math.inf:
+                _save_weights(eval_model, out_dir / "best.safetensors")
+                if lora:
+                    _save_adapters(eval_model, out_dir / "best_lora_adapters.safetensors", config, epoch)
             ck = {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -279,6 +366,51 @@ def train_segmenter(
         history=history,
         stopped_early=stopped_early,
     )
+
+
+def _lora_shape(config: TrainConfig) -> dict:
+    """The phase settings that decide which LoRA tensors exist and what they compute (a resume keeps them)."""
+    ph = config.phases
+    return {"encoder_mode": ph.encoder_mode, "lora_rank": ph.lora_rank, "lora_alpha": ph.lora_alpha,
+            "lora_targets": list(ph.lora_targets)}  # fmt: skip
+
+
+def _initial_model(config: TrainConfig, verbose: bool) -> CellSegmenter:
+    """The model to train: built from ``config.model``, or started from ``init_weights`` (strictly or partially)."""
+    if not config.init_weights:
+        return build_segmenter(config.model)
+    start = load_segmenter(config.init_weights)
+    if start.config == config.model:  # type: ignore[attr-defined]
+        return start
+    if config.init_strict:
+        raise CytokenError(
+            f"init_weights {config.init_weights} hold a different architecture than config.model; set "
+            "init_strict: false to load the tensors that fit and start the others fresh"
+        )
+    model = build_segmenter(config.model)
+    own, theirs = model.state_dict(), start.state_dict()
+    fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    left_out = sorted(set(theirs) - set(fits))
+    if left_out:
+        raise CytokenError(
+            f"init_weights {config.init_weights}: {len(left_out)} tensors do not fit config.model "
+            f"(first: {', '.join(left_out[:5])}); only added modules may differ"
+        )
+    model.load_state_dict(fits, strict=False)
+    fresh = sorted(set(own) - set(fits))
+    if verbose and fresh:
+        print(f"init_weights: {len(fits)} tensors loaded, {len(fresh)} new: {', '.join(fresh[:8])}", flush=True)
+    return model
+
+
+def _type_weights(config: TrainConfig, sources: list, device: torch.device) -> torch.Tensor | None:
+    if config.type_class_weights == "none" or not config.model.num_classes:
+        return None
+    if config.type_class_weights == "balanced":
+        w = balanced_type_weights(sources, config.model.num_classes)
+    else:
+        w = np.asarray(config.type_class_weights, np.float64)
+    return torch.as_tensor(w, dtype=torch.float32, device=device)
 
 
 def _worker_init(worker_id: int) -> None:

@@ -61,8 +61,17 @@ def hover_loss(
     *,
     nuclei_loss: str = "ce",
     tissue_target: torch.Tensor | None = None,
+    type_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of all terms for a :class:`~cytoken.models.segmenter.HoverOutput` and a target batch.
+
+    Args:
+        out: the model output.
+        batch: targets: ``nuclei`` (B, H, W), ``hv`` (B, 2, H, W), ``types`` (B, H, W; -1 = ignore).
+        weights: loss weights (zero weights skip their terms).
+        nuclei_loss: ``ce`` or ``focal_tversky``.
+        tissue_target: optional (B,) tissue class ids.
+        type_weights: optional (C + 1,) per-class weights of the type cross-entropy (background first).
 
     Returns:
         (total loss, {term: value}) — terms with zero weight or no labels are skipped.
@@ -90,7 +99,7 @@ def hover_loss(
     if type_logits is not None and bool(valid.any()):
         tl = type_logits.float()
         if weights.type_ce:
-            terms["type_ce"] = F.cross_entropy(tl, types, ignore_index=-1) * weights.type_ce
+            terms["type_ce"] = F.cross_entropy(tl, types, weight=type_weights, ignore_index=-1) * weights.type_ce
         if weights.type_dice:
             c = tl.shape[1]
             onehot = F.one_hot(types.clamp(min=0), c).permute(0, 3, 1, 2).float()

@@ -17,6 +17,7 @@ from cytoken.io.datasets.folder import ImageFolder
 from cytoken.io.datasets.lizard import LIZARD_CLASSES, Lizard
 from cytoken.io.datasets.monuseg import MoNuSeg, rasterize_polygons, read_aperio_xml
 from cytoken.io.datasets.pannuke import PANNUKE_CLASSES, PanNuke, pannuke_maps
+from cytoken.io.datasets.qupath import QuPathFolder, read_qupath_geojson
 from cytoken.io.datasets.segpath import SegPath
 from cytoken.registry import Registry
 
@@ -36,6 +37,7 @@ __all__ = [
     "Lizard",
     "MoNuSeg",
     "PanNuke",
+    "QuPathFolder",
     "SegPath",
     "consep_source_tile",
     "instance_points",
@@ -44,10 +46,22 @@ __all__ = [
     "rasterize_polygons",
     "read_aperio_xml",
     "read_label_map_yaml",
+    "read_qupath_geojson",
 ]
 
 DATASETS: Registry[type[Dataset]] = Registry("dataset")
-for _cls in (MoNuSeg, ConsepPatched, Consep, PanNuke, Lizard, CRCHisto, CellViTDataset, SegPath, ImageFolder):
+for _cls in (
+    MoNuSeg,
+    ConsepPatched,
+    Consep,
+    PanNuke,
+    Lizard,
+    CRCHisto,
+    CellViTDataset,
+    SegPath,
+    ImageFolder,
+    QuPathFolder,
+):
     DATASETS.register(_cls.name)(_cls)
 del _cls
 

@@ -1,4 +1,4 @@
-"""Writers for cell results: GeoJSON (QuPath), CellViT++ JSON, Parquet and QC overlays.
+"""Writers for cell results: GeoJSON (QuPath), CellViT++ JSON, Parquet, AnnData (.h5ad) and QC overlays.
 
 Every writer is atomic (temporary file + rename, nothing half-written on failure) and, except the overlay,
 streams: a ``*Writer`` class takes one CellSet at a time through ``add()`` so that a whole slide's cells never
@@ -14,22 +14,27 @@ from cytoken.io.export.cellvit_json import (
     write_cellvit_json,
 )
 from cytoken.io.export.geojson import GeoJSONWriter, cell_polygons, write_geojson
+from cytoken.io.export.h5ad import H5AD_INSTALL_HINT, H5ADCellWriter, h5ad_missing_dependency, write_h5ad
 from cytoken.io.export.overlay import MAX_OVERLAY_SIDE, render_overlay, write_overlay
 from cytoken.io.export.parquet import ParquetCellWriter, write_parquet
 
 __all__ = [
+    "H5AD_INSTALL_HINT",
     "MAX_OVERLAY_SIDE",
     "CellViTJSONWriter",
     "GeoJSONWriter",
+    "H5ADCellWriter",
     "ParquetCellWriter",
     "PatchInfo",
     "cell_polygons",
     "cell_status",
     "default_type_map",
+    "h5ad_missing_dependency",
     "render_overlay",
     "write_cell_detection_json",
     "write_cellvit_json",
     "write_geojson",
+    "write_h5ad",
     "write_overlay",
     "write_parquet",
 ]

@@ -1,6 +1,9 @@
-"""A JSON document written piece by piece (header, array items, tail) to an atomic, optionally gzip'ed file.
+"""Shared machinery of the streaming cell writers.
 
-Shared by the GeoJSON and CellViT writers so that millions of cells stream to disk with bounded memory.
+- :class:`StreamingCellWriter`: the lifecycle every writer shares (``add()`` ... ``close()`` commits the
+  temporary file, ``abort()`` discards it, a ``with`` block commits on success and aborts on an exception).
+- :class:`JsonArrayStream`: a JSON document written piece by piece (head, array items, tail), optionally
+  gzip'ed, so that millions of cells stream to disk with bounded memory (GeoJSON and CellViT writers).
 """
 
 from __future__ import annotations
@@ -12,37 +15,115 @@ from pathlib import Path
 from typing import IO, Any
 
 from cytoken.io.atomic import AtomicFile
+from cytoken.types import CellSet
 
-__all__ = ["JsonArrayStream", "number_lists", "split_number_lists"]
+__all__ = ["JsonArrayStream", "StreamingCellWriter", "number_lists", "split_number_lists"]
 
 _FLUSH_BYTES = 1 << 20
 
 
-class JsonArrayStream:
-    """A JSON head, items joined by commas and newlines, and a tail, written to a temporary file.
+class StreamingCellWriter:
+    """Base class: cells stream into a temporary file that replaces ``path`` only when :meth:`close` succeeds.
 
-    The file is renamed onto ``path`` by :meth:`finish` and deleted by :meth:`abort`.
+    Subclasses implement three hooks: :meth:`_add` (write one CellSet), :meth:`_finish` (write what is still
+    buffered and close their library handles; the file is then committed) and :meth:`_release` (close handles
+    without finishing; the temporary file is then deleted).
 
     Args:
-        path: final path. A name ending in ``.gz`` is gzip-compressed unless ``gzip`` says otherwise.
-        gzip: force compression on (True) or off (False); None decides from the suffix.
+        path: final file path; its directory must exist.
+        mode: how the temporary file is opened: ``"wb"`` (the handle is ``self._file.file``) or None (only a
+            temporary path, ``self._file.tmp_path``, for libraries that open files themselves).
+
+    Raises:
+        CytokenError: when the temporary file cannot be created.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, gzip: bool | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], mode: str | None) -> None:
         self.path = Path(path)
-        self.compressed = self.path.suffix.lower() == ".gz" if gzip is None else bool(gzip)
-        self._file = AtomicFile(self.path, "wb")
-        self._out: IO[bytes] = self._file.file  # type: ignore[assignment]
+        self._file = AtomicFile(self.path, mode)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` or :meth:`abort`."""
+        return self._file.closed
+
+    def add(self, cells: CellSet) -> int:
+        """Append one CellSet; returns the number of cells written.
+
+        Raises:
+            ValueError: when the writer is closed, or the cells cannot join the file (see the subclass).
+        """
+        if self.closed:
+            raise ValueError(f"{type(self).__name__}({self.path}) is closed")
+        return self._add(cells)
+
+    def close(self) -> Path:
+        """Finish the file and atomically move it to ``path``; returns ``path``. On failure nothing is left."""
+        if self.closed:
+            raise ValueError(f"{type(self).__name__}({self.path}) is already closed or aborted")
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._file.commit()  # deletes the temporary file itself when it fails
+        return self.path
+
+    def abort(self) -> None:
+        """Discard the output; ``path`` is left as it was. Safe to call twice."""
+        if self.closed:
+            return
+        with contextlib.suppress(Exception):  # the data is being discarded anyway
+            self._release()
+        self._file.abort()
+
+    def __enter__(self) -> StreamingCellWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _add(self, cells: CellSet) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Write everything still buffered and close library handles (called before the commit)."""
+
+    def _release(self) -> None:
+        """Close library handles without finishing (called before the temporary file is deleted)."""
+
+
+class JsonArrayStream:
+    """A JSON head, items joined by commas and newlines, and a tail, written to an open binary file.
+
+    Text is buffered and written in pieces of about 1 MiB; the file itself (atomic commit or abort) belongs
+    to the caller.
+
+    Args:
+        out: the binary file to write to.
+        name: file name stored in the gzip header.
+        compressed: gzip the stream.
+    """
+
+    def __init__(self, out: IO[bytes], *, name: str = "", compressed: bool = False) -> None:
+        self.compressed = compressed
+        self._out: IO[bytes] = out
         self._gz: gzip_module.GzipFile | None = None
-        if self.compressed:
-            self._gz = gzip_module.GzipFile(
-                filename=self.path.name, mode="wb", fileobj=self._out, compresslevel=6, mtime=0
-            )
+        if compressed:
+            self._gz = gzip_module.GzipFile(filename=name, mode="wb", fileobj=out, compresslevel=6, mtime=0)
             self._out = self._gz  # type: ignore[assignment]
         self._parts: list[str] = []
         self._pending = 0
         self.started = False
         self.items = 0
+
+    @staticmethod
+    def gzip_for(path: Path, gzip: bool | None) -> bool:
+        """Whether to compress: ``gzip`` when given, else a ``.gz`` suffix of ``path``."""
+        return path.suffix.lower() == ".gz" if gzip is None else bool(gzip)
 
     def _write(self, text: str) -> None:
         self._parts.append(text)
@@ -68,30 +149,49 @@ class JsonArrayStream:
         self._write(text if self.items == 0 else ",\n" + text)
         self.items += 1
 
-    def finish(self, tail: str) -> Path:
-        """Write the tail, close compression and atomically move the file into place."""
+    def finish(self, tail: str) -> None:
+        """Write the tail and close the compression (the underlying file stays open)."""
         self._write(("\n" if self.items else "") + tail + "\n")
-        try:
-            self._flush()
-            if self._gz is not None:
-                self._gz.close()
-        except BaseException:
-            self.abort()
-            raise
-        self._file.commit()
-        return self.path
-
-    def abort(self) -> None:
-        """Drop everything written so far; the target path is not touched."""
+        self._flush()
         if self._gz is not None:
-            with contextlib.suppress(Exception):  # the data is being discarded anyway
-                self._gz.close()
-        self._file.abort()
+            self._gz.close()
+
+    def release(self) -> None:
+        """Drop buffered text and close the compression without finishing the document."""
+        self._parts.clear()
+        if self._gz is not None:
+            self._gz.close()
+
+
+class JsonCellWriter(StreamingCellWriter):
+    """A :class:`StreamingCellWriter` whose file is a :class:`JsonArrayStream` closed by ``]}``.
+
+    Subclasses implement ``_begin(cells | None)`` (writes the head) and ``_add``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, gzip: bool | None) -> None:
+        super().__init__(path, "wb")
+        self._stream = JsonArrayStream(
+            self._file.file,  # type: ignore[arg-type]
+            name=self.path.name,
+            compressed=JsonArrayStream.gzip_for(self.path, gzip),
+        )
 
     @property
-    def closed(self) -> bool:
-        """True after :meth:`finish` or :meth:`abort`."""
-        return self._file.closed
+    def count(self) -> int:
+        """Records written so far."""
+        return self._stream.items
+
+    def _begin(self, cells: CellSet | None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        if not self._stream.started:
+            self._begin(None)
+        self._stream.finish("]}")
+
+    def _release(self) -> None:
+        self._stream.release()
 
 
 def number_lists(values: Any, decimals: int) -> Any:

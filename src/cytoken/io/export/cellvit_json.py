@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from cytoken.io.export._stream import JsonArrayStream, number_lists, split_number_lists
+from cytoken.io.export._stream import JsonCellWriter, number_lists, split_number_lists
 from cytoken.types import CellSet
 
 __all__ = [
@@ -119,7 +119,7 @@ def default_type_map(cells: CellSet) -> dict[int, str]:
     return {0: cells.class_name(0), **{i + 1: name for i, name in enumerate(cells.class_names)}}
 
 
-class CellViTJSONWriter:
+class CellViTJSONWriter(JsonCellWriter):
     """Stream cells into a CellViT++ ``cells.json`` (or ``cell_detection.json`` with ``detection=True``).
 
     Args:
@@ -159,20 +159,14 @@ class CellViTJSONWriter:
         gzip: bool | None = None,
         decimals: int = 3,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, gzip=gzip)
         self.detection = detection
         self._type_map = None if type_map is None else {int(k): str(v) for k, v in type_map.items()}
         self._wsi_metadata = None if wsi_metadata is None else dict(wsi_metadata)
         self._patches = dict(patches or {})
         self._margin = margin
         self._decimals = decimals
-        self._stream = JsonArrayStream(self.path, gzip=gzip)
         self._mpp: float | None = None
-
-    @property
-    def count(self) -> int:
-        """Cells written so far."""
-        return self._stream.items
 
     def _begin(self, cells: CellSet | None) -> None:
         if self._type_map is None:
@@ -212,24 +206,21 @@ class CellViTJSONWriter:
         """Append the cells of one CellSet; returns how many were written.
 
         Raises:
-            ValueError: when a class id of the cells is missing from ``type_map``, or the µm/px differs from
-                the first CellSet's.
+            ValueError: when a class id of the cells is missing from ``type_map``, the µm/px differs from
+                the first CellSet's, or the writer is closed.
         """
-        if self._stream.closed:
-            raise ValueError(f"CellViTJSONWriter({self.path}) is closed")
+        return super().add(cells)
+
+    def _add(self, cells: CellSet) -> int:
         if self._mpp is None:
             self._mpp = float(cells.mpp)
             self._begin(cells)
         elif not math.isclose(float(cells.mpp), self._mpp, rel_tol=1e-6):
-            raise ValueError(
-                f"CellViTJSONWriter: cells at {cells.mpp} µm/px cannot join a file at {self._mpp} µm/px"
-            )
+            raise ValueError(f"CellViTJSONWriter: cells at {cells.mpp} µm/px cannot join a file at {self._mpp} µm/px")
         type_map = self._type_map if self._type_map is not None else {}
         missing = sorted(set(np.unique(cells.class_ids).tolist()) - set(type_map))
         if missing:
-            raise ValueError(
-                f"CellViTJSONWriter: class ids {missing} are not in type_map (keys {sorted(type_map)})"
-            )
+            raise ValueError(f"CellViTJSONWriter: class ids {missing} are not in type_map (keys {sorted(type_map)})")
         d = self._decimals
         centroids = number_lists(cells.centroids, d)
         contours: list[Any] = []
@@ -252,25 +243,6 @@ class CellViTJSONWriter:
             rec["cell_id"] = int(cells.ids[i])
             self._stream.item(json.dumps(rec, **_DUMPS))
         return len(cells)
-
-    def close(self) -> Path:
-        """Finish the document and atomically move it to ``path``; returns ``path``."""
-        if not self._stream.started:
-            self._begin(None)
-        return self._stream.finish("]}")
-
-    def abort(self) -> None:
-        """Discard the output; ``path`` is left as it was."""
-        self._stream.abort()
-
-    def __enter__(self) -> CellViTJSONWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _write(cells: CellSet | Iterable[CellSet], path: str | os.PathLike[str], **kwargs: Any) -> Path:

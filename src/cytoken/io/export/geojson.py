@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from cytoken.io.export._stream import JsonArrayStream, split_number_lists
+from cytoken.io.export._stream import JsonCellWriter, split_number_lists
 from cytoken.types import CellSet
 
 __all__ = ["GeoJSONWriter", "cell_polygons", "write_geojson"]
@@ -117,7 +117,7 @@ def _uuid_for(seed: str | None, index: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cytoken:{seed}:{index}"))
 
 
-class GeoJSONWriter:
+class GeoJSONWriter(JsonCellWriter):
     """Stream cells into a GeoJSON FeatureCollection with bounded memory (one CellSet at a time).
 
     Use as a context manager, or call :meth:`close` (commit) / :meth:`abort` (discard) yourself. Nothing
@@ -156,17 +156,11 @@ class GeoJSONWriter:
     ) -> None:
         if decimals < 0:
             raise ValueError(f"GeoJSONWriter: decimals must be >= 0, got {decimals}")
-        self.path = Path(path)
-        self._stream = JsonArrayStream(self.path, gzip=gzip)
+        super().__init__(path, gzip=gzip)
         self._metadata = dict(metadata or {})
         self._id_seed = id_seed
         self._decimals = decimals
         self._mpp: float | None = None
-
-    @property
-    def count(self) -> int:
-        """Features written so far."""
-        return self._stream.items
 
     def _begin(self, cells: CellSet | None) -> None:
         meta: dict[str, Any] = {"coordinates": "pixels, x = column, y = row, origin top-left"}
@@ -177,11 +171,7 @@ class GeoJSONWriter:
                 class_colors=[list(map(int, c)) for c in cells.class_colors],
             )
         meta.update(self._metadata)
-        head = (
-            '{"type":"FeatureCollection","cytoken":'
-            + json.dumps(meta, default=str, **_DUMPS)
-            + ',"features":['
-        )
+        head = '{"type":"FeatureCollection","cytoken":' + json.dumps(meta, default=str, **_DUMPS) + ',"features":['
         self._stream.begin(head)
 
     def add(self, cells: CellSet) -> int:
@@ -189,10 +179,11 @@ class GeoJSONWriter:
 
         Raises:
             ValueError: when ``cells.mpp`` differs from the first CellSet's (coordinates on another pixel
-                grid).
+                grid), or the writer is closed.
         """
-        if self._stream.closed:
-            raise ValueError(f"GeoJSONWriter({self.path}) is closed")
+        return super().add(cells)
+
+    def _add(self, cells: CellSet) -> int:
         if self._mpp is None:
             self._mpp = float(cells.mpp)
             self._begin(cells)
@@ -239,25 +230,6 @@ class GeoJSONWriter:
             }
             self._stream.item(json.dumps(feature, **_DUMPS))
         return len(cells)
-
-    def close(self) -> Path:
-        """Finish the document and atomically move it to ``path``; returns ``path``."""
-        if not self._stream.started:
-            self._begin(None)
-        return self._stream.finish("]}")
-
-    def abort(self) -> None:
-        """Discard the output; ``path`` is left as it was."""
-        self._stream.abort()
-
-    def __enter__(self) -> GeoJSONWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_geojson(

@@ -28,9 +28,7 @@ def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", None)
-        raise ValueError(
-            f"overlay image must be an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}"
-        )
+        raise ValueError(f"overlay image must be an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}")
 
 
 def _too_large(image: np.ndarray) -> bool:
@@ -69,8 +67,7 @@ def render_overlay(image: np.ndarray, cells: CellSet, *, line_width: int = 1) ->
     if _too_large(image):
         h, w = image.shape[:2]
         raise CytokenError(
-            f"overlay refused: image is {w}x{h} px, overlays are limited to "
-            f"{MAX_OVERLAY_SIDE}x{MAX_OVERLAY_SIDE}"
+            f"overlay refused: image is {w}x{h} px, overlays are limited to {MAX_OVERLAY_SIDE}x{MAX_OVERLAY_SIDE}"
         )
     import cv2
 
@@ -84,9 +81,7 @@ def render_overlay(image: np.ndarray, cells: CellSet, *, line_width: int = 1) ->
         ]
         if pts:
             color = tuple(int(c) for c in cells.class_color(int(cid)))
-            cv2.polylines(
-                out, pts, isClosed=True, color=color, thickness=int(line_width), lineType=cv2.LINE_8
-            )
+            cv2.polylines(out, pts, isClosed=True, color=color, thickness=int(line_width), lineType=cv2.LINE_8)
     return out
 
 
@@ -120,9 +115,7 @@ def write_overlay(
     out_path = Path(path)
     fmt = _FORMATS.get(out_path.suffix.lower())
     if fmt is None:
-        raise ValueError(
-            f"write_overlay: unsupported suffix {out_path.suffix!r}; use one of {sorted(_FORMATS)}"
-        )
+        raise ValueError(f"write_overlay: unsupported suffix {out_path.suffix!r}; use one of {sorted(_FORMATS)}")
     _check_image(image)
     if _too_large(image):
         h, w = image.shape[:2]

@@ -12,19 +12,18 @@ Read back with ``pyarrow.parquet.read_table(path)`` or ``pandas.read_parquet(pat
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cytoken.io.atomic import AtomicFile
+from cytoken.io.export._stream import StreamingCellWriter
 from cytoken.types import CellSet
 
 __all__ = ["ParquetCellWriter", "write_parquet"]
 
 
-class ParquetCellWriter:
+class ParquetCellWriter(StreamingCellWriter):
     """Stream CellSets into one Parquet file, buffering rows into row groups of ``row_group_size``.
 
     Every CellSet must have the same µm/px and class names as the first (they are stored once, in the schema
@@ -51,15 +50,12 @@ class ParquetCellWriter:
         2
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str], *, row_group_size: int = 65536, compression: str = "zstd"
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, row_group_size: int = 65536, compression: str = "zstd") -> None:
         if row_group_size < 1:
             raise ValueError(f"ParquetCellWriter: row_group_size must be >= 1, got {row_group_size}")
-        self.path = Path(path)
+        super().__init__(path, None)
         self._row_group_size = row_group_size
         self._compression = compression
-        self._file = AtomicFile(self.path, None)
         self._writer: Any = None
         self._schema: Any = None
         self._buffer: list[Any] = []
@@ -86,10 +82,11 @@ class ParquetCellWriter:
         """Append one CellSet; returns the number of rows added.
 
         Raises:
-            ValueError: when µm/px or class names differ from the first CellSet's.
+            ValueError: when µm/px or class names differ from the first CellSet's, or the writer is closed.
         """
-        if self._file.closed:
-            raise ValueError(f"ParquetCellWriter({self.path}) is closed")
+        return super().add(cells)
+
+    def _add(self, cells: CellSet) -> int:
         table = cells.to_arrow()
         if self._schema is None:
             self._open(table.schema)
@@ -110,35 +107,20 @@ class ParquetCellWriter:
 
         A writer that never received a CellSet writes an empty table (schema metadata ``cytoken.mpp`` = nan).
         """
-        try:
-            if self._schema is None:
-                self._open(CellSet.empty(float("nan")).to_arrow().schema)
-            self._flush()
-            self._writer.close()
-            self._writer = None
-        except BaseException:
-            self.abort()
-            raise
-        self._file.commit()
-        return self.path
+        return super().close()
 
-    def abort(self) -> None:
-        """Discard the output; ``path`` is left as it was."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):  # discarding the file anyway
-                self._writer.close()
-            self._writer = None
+    def _finish(self) -> None:
+        if self._schema is None:
+            self._open(CellSet.empty(float("nan")).to_arrow().schema)
+        self._flush()
+        self._writer.close()
+        self._writer = None
+
+    def _release(self) -> None:
         self._buffer.clear()
-        self._file.abort()
-
-    def __enter__(self) -> ParquetCellWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
 
 
 def write_parquet(
