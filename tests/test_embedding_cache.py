@@ -15,6 +15,7 @@ from PIL import Image
 
 from cytoken.cli.main import main
 from cytoken.embeddings.cache import EmbeddingCache, file_fingerprint
+from cytoken.models.store import load_model
 from cytoken.pipeline.classifier import build_slide_embedding_set, slide_input_hash
 from cytoken.pipeline.predictor import Predictor
 from cytoken.types import CytokenError
@@ -148,9 +149,8 @@ def test_slide_output_then_cache_reused_without_the_model(slide: dict[str, Path]
     np.testing.assert_array_equal(np.sort(emb, axis=0), np.sort(want, axis=0))
     assert sorted(lab.tolist()) == sorted(("immune", "tumour").index(n) for n in names)
     key = slide_input_hash(slide["slide"], "mask")
-    entry = EmbeddingCache(cache / "embeddings").load_entry(
-        "68e536cc5f7fc6eaaf47648d2ecf35fbf63dbe147730c27e12c02c1c09f74f0a", key
-    )
+    default_sha = load_model("cytoken-default")[1].sha256
+    entry = EmbeddingCache(cache / "embeddings").load_entry(default_sha, key)
     assert entry is not None and len(entry) == rep["n_cells"] and entry.meta["source"] == str(slide["out"])
 
     moved = tmp_path / "moved"
@@ -162,8 +162,6 @@ def test_slide_output_then_cache_reused_without_the_model(slide: dict[str, Path]
         np.testing.assert_array_equal(emb2, emb)
         np.testing.assert_array_equal(lab2, lab)
         # another model sha256 misses the cache: the model would have to run (it raises here)
-        from cytoken.models.store import load_model
-
         other = ModelInfo(name="other", sha256="f" * 64, source="test")
         with pytest.raises(RuntimeError, match="the model ran"):
             build_slide_embedding_set([slide["slide"]], [labels], other, cache_dir=cache, mpp=0.55, progress=False,
@@ -202,7 +200,6 @@ def test_slide_output_then_cache_reused_without_the_model(slide: dict[str, Path]
 @needs_shared
 def test_slide_segmented_around_labels_once(slide: dict[str, Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from cytoken.models.store import load_model
 
     model, info = load_model("cytoken-default")
     labels = tmp_path / "corner.geojson"

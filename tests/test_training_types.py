@@ -110,3 +110,22 @@ def test_model_postprocess_parameters() -> None:
         model_hover_config(SegmenterConfig(**TINY, postprocess={"no_such_field": 1}))
     with pytest.raises(CytokenError, match="post-processing"):
         model_hover_config(SegmenterConfig(**TINY, postprocess={"fg_threshold": 2.0}))
+
+
+def test_cellvit_checkpoints_carry_the_reference_post_processing() -> None:
+    from cytoken.models.cellvit import CELLVIT_POSTPROCESS
+    from cytoken.postprocess import HoverConfig
+
+    assert HoverConfig(**CELLVIT_POSTPROCESS) == HoverConfig.cellvit()
+
+
+def test_default_model_uses_its_tuned_post_processing() -> None:
+    from cytoken.models.store import load_model
+    from cytoken.pipeline.image import SegmentConfig, decode_spec
+    from cytoken.postprocess import HoverConfig
+
+    model, _ = load_model("cytoken-default")
+    spec = decode_spec(model, SegmentConfig())
+    assert spec.hover is not None and spec.hover == HoverConfig(**model.config.postprocess)
+    mine = HoverConfig(fg_threshold=0.7)  # a user's config wins
+    assert decode_spec(model, SegmentConfig(hover=mine)).hover == mine

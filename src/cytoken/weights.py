@@ -33,6 +33,8 @@ class ModelEntry:
     training_data: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     card: str = ""
+    version: str = ""
+    postprocess: str = ""
 
     @property
     def path(self) -> Path | None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cytoken.cli._common import load_model_or_fail, mpp_arg
+from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="label H&E cells from an IF marker: register, threshold, overlap >= 15 %% -> positive",
         description="Registers the IF image onto the H&E (hematoxylin vs the nuclear channel; rigid/affine then "
         "B-spline), thresholds the marker, and labels every H&E cell by the fraction of its area on the marker. "
+        "An image larger than --tile-px on a side is handled as a slide: registered tile by tile (overview, then "
+        "per-tile refinement) and thresholded with ONE threshold for the whole slide, computed from a pooled "
+        "histogram of the marker signal of all tiles (bounded memory). "
         "Writes registration.json, marker_mask.png, labels.parquet, labels.csv, qc.png and summary.json.",
     )
     p.add_argument("--he", required=True, type=Path, help="H&E image (PNG/JPEG/TIFF)")
@@ -25,63 +28,158 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--he-mpp", type=mpp_arg, default=None, help="µm/px of the H&E when the file does not say")
     p.add_argument("--if-mpp", type=mpp_arg, default=None, help="µm/px of the IF when the file does not say")
     p.add_argument("--threshold", default="otsu", help="otsu, triangle, percentile:P or a fixed value")
+    p.add_argument(
+        "--background",
+        default="none",
+        help="background subtraction before thresholding: none, gaussian:R, tophat:R or rolling_ball:R "
+        "(R = radius in H&E pixels, e.g. tophat:40)",
+    )
+    p.add_argument("--smooth-px", type=float, default=0.0, help="Gaussian smoothing sigma before thresholding")
+    p.add_argument("--min-object-px", type=int, default=0, help="drop marker regions smaller than this")
     p.add_argument("--overlap", type=float, default=0.15, help="positive when this fraction of a cell is on marker")
     p.add_argument("--negative-margin", type=float, default=0.0, help="drop cells just below the overlap cut")
-    p.add_argument("--cells", type=Path, default=None, help="an instance-map PNG of the H&E cells (else segment)")
+    p.add_argument(
+        "--cells",
+        type=Path,
+        default=None,
+        help="the H&E cells: an instance-map image (PNG/TIFF) or a `cytoken segment` output folder "
+        "(cells.parquet); else the image is segmented",
+    )
     p.add_argument("--model", default="cytoken-default", help="segmentation model when --cells is not given")
-    p.add_argument("--registration", type=Path, default=None, help="reuse a saved registration.json")
+    p.add_argument(
+        "--registration",
+        type=Path,
+        default=None,
+        help="reuse a saved registration.json (a tiled one switches to slide mode)",
+    )
+    p.add_argument(
+        "--tile-px",
+        type=positive_int,
+        default=2048,
+        help="H&E tile size of slide mode; images larger than this on a side are processed as a slide (default 2048)",
+    )
+    p.add_argument(
+        "--failed-tiles",
+        choices=("skip", "overview"),
+        default="skip",
+        help="slide mode: tiles whose registration refinement fails are left out (skip: their cells get "
+        "no_coverage) or use the overview transform",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Execute the command."""
+def _threshold_config(text: str, background: str = "none", smooth_px: float = 0.0, min_object_px: int = 0):
+    from cytoken.labeling.threshold import ThresholdConfig
+    from cytoken.types import CytokenError
+
+    bg, _, radius = background.lower().partition(":")
+    try:
+        common = {
+            "background": bg,
+            "background_radius_px": float(radius) if radius else 50.0,
+            "smooth_sigma_px": smooth_px,
+            "min_object_px": min_object_px,
+        }
+        ThresholdConfig(**common)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CytokenError(f"--background {background!r} / --smooth-px / --min-object-px: {exc}") from None
+    t = text.lower()
+    if t in ("otsu", "triangle"):
+        return ThresholdConfig(method=t, **common)  # type: ignore[arg-type]
+    if t.startswith("percentile:"):
+        try:
+            return ThresholdConfig(method="percentile", value=float(t.split(":", 1)[1]), **common)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise CytokenError(f"--threshold {text!r}: {exc}") from None
+    try:
+        return ThresholdConfig(method="fixed", value=float(t), **common)  # type: ignore[arg-type]
+    except ValueError:
+        raise CytokenError(f"--threshold {text!r}: use otsu, triangle, percentile:P or a number") from None
+
+
+def _read_cells(path: Path, shape: tuple[int, int]):
+    """An instance-map image as an (H, W) int64 array, or the CellSet of a `cytoken segment` output folder."""
     import numpy as np
     from PIL import Image
 
+    from cytoken.types import CytokenError
+
+    if path.is_dir():
+        from cytoken.pipeline.classifier import read_output_cells
+
+        cells, _ = read_output_cells(path)
+        return cells
+    try:
+        cells = np.array(Image.open(path)).astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise CytokenError(f"--cells {path}: cannot read an instance map ({exc})") from None
+    if cells.shape != shape:
+        raise CytokenError(f"--cells {path} is {cells.shape}, the H&E is {shape}")
+    return cells
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute the command."""
     from cytoken.io.atomic import atomic_dir
     from cytoken.io.ifimage import read_if
     from cytoken.io.image import read_image
     from cytoken.labeling.cell_labels import CellLabelConfig
-    from cytoken.labeling.registration import Registration, RegistrationConfig
-    from cytoken.labeling.threshold import ThresholdConfig
+    from cytoken.labeling.registration import RegistrationConfig
+    from cytoken.labeling.slide import label_from_if_slide
+    from cytoken.labeling.tiled import TiledRegistration, read_registration
     from cytoken.labeling.workflow import label_from_if, write_outputs
-    from cytoken.types import CytokenError
 
     he = read_image(args.he, args.he_mpp)
     ifimg = read_if(args.if_path, mpp=args.if_mpp)
     ifimg.index(args.marker)  # unknown marker: clear error listing the channels, before any work
     ifimg.index(args.nuclear_channel)
-    t = args.threshold.lower()
-    if t in ("otsu", "triangle"):
-        tcfg = ThresholdConfig(method=t)
-    elif t.startswith("percentile:"):
-        tcfg = ThresholdConfig(method="percentile", value=float(t.split(":", 1)[1]))
-    else:
-        try:
-            tcfg = ThresholdConfig(method="fixed", value=float(t))
-        except ValueError:
-            msg = f"--threshold {args.threshold!r}: use otsu, triangle, percentile:P or a number"
-            raise CytokenError(msg) from None
+    tcfg = _threshold_config(args.threshold, args.background, args.smooth_px, args.min_object_px)
+    lcfg = CellLabelConfig(positive_fraction=args.overlap, negative_margin=args.negative_margin)
+    rcfg = RegistrationConfig(nuclear_channel=args.nuclear_channel)
+    reg = read_registration(args.registration) if args.registration else None
+    shape = he.array.shape[:2]
     if args.cells is not None:
-        cells = np.array(Image.open(args.cells)).astype(np.int64)
-        if cells.shape != he.array.shape[:2]:
-            raise CytokenError(f"--cells {args.cells} is {cells.shape}, the H&E is {he.array.shape[:2]}")
+        cells = _read_cells(args.cells, shape)
     else:
         from cytoken.pipeline import Predictor, segment_image_with_labels
 
         model, _ = load_model_or_fail(args.model)
         _, cells = segment_image_with_labels(he.array, Predictor(model), he.mpp)  # type: ignore[arg-type]
-    reg = Registration.load(args.registration) if args.registration else None
-    result = label_from_if(
-        he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
-        registration_config=RegistrationConfig(nuclear_channel=args.nuclear_channel), threshold_config=tcfg,
-        label_config=CellLabelConfig(positive_fraction=args.overlap, negative_margin=args.negative_margin),
-    )  # fmt: skip
+    slide = isinstance(reg, TiledRegistration) or (reg is None and max(shape) > args.tile_px)
+    if slide:
+        result = label_from_if_slide(
+            he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+            tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
+            failed_tiles=args.failed_tiles,
+        )  # fmt: skip
+        extra = {
+            "mode": "slide",
+            "threshold": result.threshold,
+            "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
+            "signal": result.stats,
+            "tiles": [
+                {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
+                for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
+            ],
+            "overview_quality": str(result.registration.overview.quality),
+        }
+    else:
+        result = label_from_if(
+            he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+            registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
+        )  # fmt: skip
+        extra = {
+            "mode": "image",
+            "threshold": result.marker.threshold,
+            "signal": result.marker.stats,
+            "quality": str(result.registration.quality),
+        }
     with atomic_dir(args.out) as tmp:
         write_outputs(result, he.array, tmp)
         counts = result.labels.counts()
-        summary = {"counts": counts, "marker": args.marker, "quality": str(result.registration.quality)}
+        summary = {"counts": counts, "marker": args.marker, **extra}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{args.he.name}: {counts} -> {args.out}")
+    mode = f"slide mode, {len(extra['tiles'])} tiles, one threshold" if slide else "image mode"
+    print(f"{args.he.name} ({mode}, threshold {extra['threshold']:.4g}): {counts} -> {args.out}")
     return 0

@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "segment",
         help="find, outline and classify every nucleus in images or slides",
         description="Segment H&E images (PNG/JPEG/TIFF) or whole slides. Writes DIR/<stem>/ with cells.geojson, "
-        "cells.json, cell_detection.json, cells.parquet, embeddings.npy, overlay.png (images) and run.json. "
+        "cells.json, cell_detection.json, cells.parquet, embeddings.npy, cells.h5ad (with the anndata extra), "
+        "overlay.png (images) and run.json. "
         "Models with named input channels (e.g. DAPI,CD3,PanCK) read multi-channel TIFF/OME-TIFF/QPTIFF/.npy "
         "files and pick their channels by name (see docs/multichannel.md).",
     )

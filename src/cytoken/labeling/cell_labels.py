@@ -18,6 +18,8 @@ pixels inside the marker mask:
   set uses the kept rows. The band never drops positives and never drops a cell with zero overlap.
 
 All counts are vectorised with :func:`numpy.bincount` over the pixel ids, so cost is linear in the image size.
+:func:`overlap_counts` returns the three counts of one map (or one tile of a slide: tile counts add up) and
+:func:`labels_from_counts` applies the rules above to them; :func:`label_cells` is the two in one call.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ from cytoken.types import CellSet, CytokenError
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-__all__ = ["CellLabelConfig", "CellLabels", "label_cells", "qc_overlay", "rasterize_cells"]
+__all__ = [
+    "CellLabelConfig",
+    "CellLabels",
+    "label_cells",
+    "labels_from_counts",
+    "overlap_counts",
+    "qc_overlay",
+    "rasterize_cells",
+]
 
 STATUSES = ("positive", "negative", "ambiguous", "no_coverage", "missing")
 
@@ -139,8 +149,14 @@ class CellLabels:
         return path
 
 
-def rasterize_cells(cells: CellSet, shape: tuple[int, int]) -> np.ndarray:
+def rasterize_cells(cells: CellSet, shape: tuple[int, int], *, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Paint the cells' contours as an (H, W) int64 instance map holding their ids (later cells overwrite earlier).
+
+    Args:
+        cells: the cells, in pixel coordinates of the full image.
+        shape: (H, W) of the map to paint.
+        origin: (x, y) of the map's pixel (0, 0) in the full image, to paint one tile of a large image; only the
+            cells whose bounding box meets the tile are drawn.
 
     Example:
         >>> cs = CellSet(ids=[7], centroids=[[2, 2]], bboxes=[[0, 0, 5, 5]],
@@ -148,16 +164,26 @@ def rasterize_cells(cells: CellSet, shape: tuple[int, int]) -> np.ndarray:
         ...              class_ids=[0], class_probs=[np.nan], mpp=0.25)
         >>> int((rasterize_cells(cs, (6, 6)) == 7).sum())
         9
+        >>> int((rasterize_cells(cs, (4, 4), origin=(2, 2)) == 7).sum())
+        4
     """
     import cv2
 
-    out = np.zeros(shape, np.int32)
-    for cid, contour in zip(cells.ids, cells.contours):
-        if len(contour) < 3:
-            continue
-        pts = np.rint(np.asarray(contour)).astype(np.int32).reshape(-1, 1, 2)
-        cv2.fillPoly(out, [pts], int(cid))
-    return out.astype(np.int64)
+    h, w = shape
+    pad = 2  # polygons are clipped at the canvas edge, which OpenCV may paint: paint a border and cut it off
+    out = np.zeros((h + 2 * pad, w + 2 * pad), np.int32)
+    ox, oy = int(origin[0]), int(origin[1])
+    if len(cells):
+        b = np.asarray(cells.bboxes, np.float64).reshape(-1, 4)
+        near = (b[:, 2] >= ox - pad) & (b[:, 0] <= ox + w + pad) & (b[:, 3] >= oy - pad) & (b[:, 1] <= oy + h + pad)
+        shift = np.array([ox - pad, oy - pad], np.float64)
+        for i in np.flatnonzero(near):
+            contour = np.asarray(cells.contours[i])
+            if len(contour) < 3:
+                continue
+            pts = np.rint(contour - shift).astype(np.int32).reshape(-1, 1, 2)
+            cv2.fillPoly(out, [pts], int(cells.ids[i]))
+    return out[pad : pad + h, pad : pad + w].astype(np.int64)
 
 
 def _lookup(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,6 +197,104 @@ def _lookup(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray
     pos = np.clip(np.searchsorted(sids, values), 0, n - 1)
     hit = (values > 0) & (sids[pos] == values)
     return hit, order[pos[hit]]
+
+
+def overlap_counts(
+    inst_map: np.ndarray, marker_mask: np.ndarray, ids: np.ndarray, *, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell of ``ids``: its pixels, its pixels inside ``valid`` and its valid pixels inside the marker mask.
+
+    The counts of the tiles of a large image add up to those of the whole image, so a slide can be labelled tile by
+    tile (:func:`labels_from_counts` turns the sums into labels).
+
+    Args:
+        inst_map: (H, W) integer instance map (0 = background).
+        marker_mask: (H, W) bool marker-positive mask.
+        ids: (N,) the cells to count (other ids in the map are ignored).
+        valid: (H, W) bool pixels covered by the IF image (default: all).
+
+    Returns:
+        ``(area, covered, marked)``, each (N,) int64.
+
+    Example:
+        >>> inst = np.array([[1, 1, 2, 2]]); mask = np.array([[True, False, False, False]])
+        >>> [a.tolist() for a in overlap_counts(inst, mask, np.array([1, 2]))]
+        [[2, 2], [2, 2], [1, 0]]
+    """
+    inst = np.asarray(inst_map)
+    mask = np.asarray(marker_mask, bool)
+    if not np.issubdtype(inst.dtype, np.integer):
+        raise ValueError(f"overlap_counts: the instance map must be integer, got dtype {inst.dtype}")
+    if inst.shape != mask.shape or inst.ndim != 2:
+        raise CytokenError(
+            f"overlap_counts: cell map shape {inst.shape} differs from marker mask shape {mask.shape}; "
+            "warp the IF image onto the H&E grid first"
+        )
+    cov = np.ones(mask.shape, bool) if valid is None else np.asarray(valid, bool)
+    if cov.shape != mask.shape:
+        raise ValueError(f"overlap_counts: valid mask shape {cov.shape} differs from marker mask {mask.shape}")
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    n = len(ids)
+    hit, idx = _lookup(ids, inst.ravel())
+    area = np.bincount(idx, minlength=n).astype(np.int64)
+    covered = np.bincount(idx, weights=cov.ravel()[hit], minlength=n).astype(np.int64)
+    marked = np.bincount(idx, weights=(mask & cov).ravel()[hit], minlength=n).astype(np.int64)
+    return area, covered, marked
+
+
+def labels_from_counts(
+    ids: np.ndarray,
+    area: np.ndarray,
+    covered: np.ndarray,
+    marked: np.ndarray,
+    *,
+    config: CellLabelConfig | None = None,
+    marker: str = "marker",
+) -> CellLabels:
+    """Apply the labelling rules (module docstring) to per-cell pixel counts (see :func:`overlap_counts`).
+
+    Example:
+        >>> lab = labels_from_counts(np.array([1, 2]), np.array([4, 4]), np.array([4, 1]), np.array([1, 0]))
+        >>> lab.status.tolist()
+        ['positive', 'no_coverage']
+    """
+    cfg = config or CellLabelConfig()
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    area = np.asarray(area, np.int64)
+    covered = np.asarray(covered, np.float64)
+    marked = np.asarray(marked, np.float64)
+    n = len(ids)
+    if not len(area) == len(covered) == len(marked) == n:
+        raise ValueError(
+            f"labels_from_counts: {n} ids but {len(area)} / {len(covered)} / {len(marked)} area / covered / marked"
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(covered > 0, marked / np.maximum(covered, 1), np.nan)
+        coverage = np.where(area > 0, covered / np.maximum(area, 1), 0.0)
+    t = cfg.positive_fraction
+    status = np.full(n, "negative", dtype=object)
+    is_pos = frac >= t
+    status[is_pos] = "positive"
+    if cfg.negative_margin > 0:
+        amb = (frac > 0) & (frac < t) & (frac >= t - cfg.negative_margin)
+        status[amb] = "ambiguous"
+    low_cov = coverage < cfg.min_coverage
+    status[low_cov] = "no_coverage"
+    status[area == 0] = "missing"
+    status = status.astype(str)
+    label = (status == "positive").astype(np.int8)
+    kept = (status == "positive") | (status == "negative")
+    return CellLabels(
+        ids=ids,
+        overlap_fraction=frac.astype(np.float64),
+        label=label,
+        kept=kept,
+        status=status,
+        area_px=area,
+        coverage=coverage.astype(np.float64),
+        marker=str(marker),
+        config=cfg,
+    )
 
 
 def label_cells(
@@ -203,7 +327,6 @@ def label_cells(
         >>> lab.overlap_fraction.tolist(), lab.label.tolist(), lab.status.tolist()
         ([0.5, 0.0625], [1, 0], ['positive', 'negative'])
     """
-    cfg = config or CellLabelConfig()
     mask = np.asarray(marker_mask, bool)
     if mask.ndim != 2:
         raise ValueError(f"label_cells: marker_mask must be 2-D, got shape {mask.shape}")
@@ -220,43 +343,11 @@ def label_cells(
             f"label_cells: cell map shape {inst.shape} differs from marker mask shape {mask.shape}; "
             "warp the IF image onto the H&E grid first"
         )
-    cov = np.ones(mask.shape, bool) if valid is None else np.asarray(valid, bool)
-    if cov.shape != mask.shape:
-        raise ValueError(f"label_cells: valid mask shape {cov.shape} differs from marker mask {mask.shape}")
+    if valid is not None and np.shape(valid) != mask.shape:
+        raise ValueError(f"label_cells: valid mask shape {np.shape(valid)} differs from marker mask {mask.shape}")
     ids = np.unique(inst[inst > 0]) if cell_ids is None else np.asarray(cell_ids, np.int64).reshape(-1)
-    n = len(ids)
-    hit, idx = _lookup(ids, inst.ravel())
-    area = np.bincount(idx, minlength=n).astype(np.int64)
-    covered = np.bincount(idx, weights=cov.ravel()[hit], minlength=n)
-    marked = np.bincount(idx, weights=(mask & cov).ravel()[hit], minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(covered > 0, marked / np.maximum(covered, 1), np.nan)
-        coverage = np.where(area > 0, covered / np.maximum(area, 1), 0.0)
-
-    t = cfg.positive_fraction
-    status = np.full(n, "negative", dtype=object)
-    is_pos = frac >= t
-    status[is_pos] = "positive"
-    if cfg.negative_margin > 0:
-        amb = (frac > 0) & (frac < t) & (frac >= t - cfg.negative_margin)
-        status[amb] = "ambiguous"
-    low_cov = coverage < cfg.min_coverage
-    status[low_cov] = "no_coverage"
-    status[area == 0] = "missing"
-    status = status.astype(str)
-    label = (status == "positive").astype(np.int8)
-    kept = (status == "positive") | (status == "negative")
-    return CellLabels(
-        ids=ids,
-        overlap_fraction=frac.astype(np.float64),
-        label=label,
-        kept=kept,
-        status=status,
-        area_px=area,
-        coverage=coverage.astype(np.float64),
-        marker=str(marker),
-        config=cfg,
-    )
+    area, covered, marked = overlap_counts(inst, mask, ids, valid=valid)
+    return labels_from_counts(ids, area, covered, marked, config=config, marker=marker)
 
 
 COLORS: dict[str, tuple[int, int, int]] = {

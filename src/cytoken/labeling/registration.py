@@ -411,15 +411,18 @@ class Registration:
         )
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write the transform and its metadata as one JSON file (the ITK transform text embedded), atomically."""
+    def to_dict(self) -> dict[str, Any]:
+        """The transform (ITK text) and its metadata as a JSON-ready dict (what :meth:`save` writes)."""
         sitk = _sitk()
-        path = Path(path)
+        tx = self.transform
+        if isinstance(tx, sitk.CompositeTransform):  # nested composites (tile refinements) cannot be written as is
+            tx = sitk.CompositeTransform(tx)
+            tx.FlattenTransform()
         with tempfile.TemporaryDirectory() as tmp:
             tfm = Path(tmp) / "transform.tfm"
-            sitk.WriteTransform(self.transform, str(tfm))
+            sitk.WriteTransform(tx, str(tfm))
             text = tfm.read_text()
-        doc = {
+        return {
             "format": _FORMAT,
             "he_shape": list(self.he_shape),
             "he_mpp": self.he_mpp,
@@ -429,19 +432,13 @@ class Registration:
             "quality": None if self.quality is None else self.quality.to_dict(),
             "itk_transform": text,
         }
-        return atomic_write_text(path, json.dumps(doc, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> Registration:
-        """Read a registration written by :meth:`save`."""
+    def from_dict(cls, doc: dict[str, Any], *, source: str = "registration") -> Registration:
+        """Rebuild a registration from :meth:`to_dict` output (``source`` names it in error messages)."""
         sitk = _sitk()
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CytokenError(f"cannot read registration file {path}: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise CytokenError(f"{path} is not a cytoken registration file (expected format {_FORMAT!r})")
+            raise CytokenError(f"{source} is not a cytoken registration (expected format {_FORMAT!r})")
         with tempfile.TemporaryDirectory() as tmp:
             tfm = Path(tmp) / "transform.tfm"
             tfm.write_text(doc["itk_transform"])
@@ -456,6 +453,20 @@ class Registration:
             nuclear_channel=str(doc["nuclear_channel"]),
             quality=None if quality is None else RegistrationQuality(**quality),
         )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transform and its metadata as one JSON file (the ITK transform text embedded), atomically."""
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Registration:
+        """Read a registration written by :meth:`save`."""
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CytokenError(f"cannot read registration file {path}: {exc}") from exc
+        return cls.from_dict(doc, source=str(path))
 
 
 def _quality(cfg: RegistrationConfig, fixed: Any, moving: Any, transform: Any, he_mpp: float) -> RegistrationQuality:

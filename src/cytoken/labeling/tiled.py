@@ -18,15 +18,21 @@ blending between tiles: a seam may show where neighbouring tiles' deformations d
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from cytoken.io.atomic import atomic_write_text
 from cytoken.io.ifimage import IFImage
 from cytoken.labeling.registration import Registration, RegistrationConfig, register
 from cytoken.types import Bounds, CytokenError, validate_mpp
 
-__all__ = ["TiledRegistration", "register_tiled", "tile_grid"]
+__all__ = ["TiledRegistration", "read_registration", "register_tiled", "tile_grid"]
+
+_FORMAT = "cytoken.tiled_registration/1"
 
 
 def tile_grid(shape: tuple[int, int], tile_px: int) -> list[Bounds]:
@@ -83,12 +89,69 @@ class TiledRegistration:
             out, if_image.channel_names, mpp=self.overview.he_mpp, path=if_image.path, meta=dict(if_image.meta)
         )
 
+    @property
+    def n_refined(self) -> int:
+        """Number of tiles whose refinement succeeded."""
+        return sum(r is not None for r in self.registrations)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the overview and every tile's registration as one JSON file, atomically."""
+        doc: dict[str, Any] = {
+            "format": _FORMAT,
+            "he_shape": list(self.he_shape),
+            "overview": self.overview.to_dict(),
+            "tiles": [[b.x, b.y, b.width, b.height] for b in self.tiles],
+            "registrations": [None if r is None else r.to_dict() for r in self.registrations],
+            "errors": list(self.errors),
+        }
+        return atomic_write_text(Path(path), json.dumps(doc))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], *, source: str = "tiled registration") -> TiledRegistration:
+        """Rebuild from the document :meth:`save` writes."""
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise CytokenError(f"{source} is not a cytoken tiled registration (expected format {_FORMAT!r})")
+        return cls(
+            overview=Registration.from_dict(doc["overview"], source=source),
+            tiles=[Bounds(*map(int, t)) for t in doc["tiles"]],
+            registrations=[
+                None if r is None else Registration.from_dict(r, source=source) for r in doc["registrations"]
+            ],
+            errors=list(doc["errors"]),
+            he_shape=(int(doc["he_shape"][0]), int(doc["he_shape"][1])),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TiledRegistration:
+        """Read a file written by :meth:`save`."""
+        doc = _read_json(path)
+        return cls.from_dict(doc, source=str(path))
+
     def overlap_mask(self, if_shape: tuple[int, int]) -> np.ndarray:
         """(H, W) bool H&E pixels covered by the IF image, each tile with its own registration."""
         out = np.zeros(self.he_shape, bool)
         for i, b in enumerate(self.tiles):
             out[b.y : b.y1, b.x : b.x1] = self.for_tile(i).overlap_mask(if_shape)
         return out
+
+
+def _read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CytokenError(f"cannot read registration file {path}: {exc}") from exc
+
+
+def read_registration(path: str | Path) -> Registration | TiledRegistration:
+    """Read a registration file of either kind (:meth:`Registration.save` or :meth:`TiledRegistration.save`).
+
+    Example:
+        >>> reg = read_registration("out/registration.json")  # doctest: +SKIP
+    """
+    doc = _read_json(path)
+    if isinstance(doc, dict) and doc.get("format") == _FORMAT:
+        return TiledRegistration.from_dict(doc, source=str(path))
+    return Registration.from_dict(doc, source=str(path))
 
 
 def _if_crop(reg: Registration, b: Bounds, if_shape: tuple[int, int], margin_um: float) -> tuple[int, int, int, int]:

@@ -3,9 +3,10 @@
 :func:`label_from_if` chains :func:`~cytoken.labeling.registration.register`,
 :meth:`~cytoken.labeling.registration.Registration.warp_if_to_he`,
 :func:`~cytoken.labeling.threshold.threshold_marker` (on the IF overlap only) and
-:func:`~cytoken.labeling.cell_labels.label_cells`. :func:`write_outputs` saves the registration, the marker mask,
-the label table and the QC overlay into one folder. A command-line wrapper only has to parse its arguments, read
-the H&E, the IF image and the cells, and call these two functions.
+:func:`~cytoken.labeling.cell_labels.label_cells` on one image held in memory; for slides (tile by tile, one
+slide-wide threshold) see :func:`~cytoken.labeling.slide.label_from_if_slide`. :func:`write_outputs` saves the
+registration, the marker mask, the label table and the QC overlay of either result into one folder. A command-line
+wrapper only has to parse its arguments, read the H&E, the IF image and the cells, and call these functions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from cytoken.io.ifimage import IFImage
 from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
 from cytoken.labeling.registration import Registration, RegistrationConfig, register
+from cytoken.labeling.slide import SlideLabelResult, slide_qc
 from cytoken.labeling.threshold import MarkerMask, ThresholdConfig, save_mask_png, threshold_marker
 from cytoken.types import CellSet, CytokenError
 
@@ -110,11 +112,14 @@ def label_from_if(
     )
 
 
-def write_outputs(result: IFLabelResult, he_rgb: np.ndarray, out_dir: str | Path) -> dict[str, Path]:
+def write_outputs(result: IFLabelResult | SlideLabelResult, he_rgb: np.ndarray, out_dir: str | Path) -> dict[str, Path]:
     """Write ``registration.json``, ``marker_mask.png``, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
 
+    For a :class:`~cytoken.labeling.slide.SlideLabelResult` the registration file holds the tiled registration and
+    the QC overlay is drawn tile by tile, shrunk to at most 4096 px on a side.
+
     Args:
-        result: the output of :func:`label_from_if`.
+        result: the output of :func:`label_from_if` or :func:`~cytoken.labeling.slide.label_from_if_slide`.
         he_rgb: the H&E the labels were computed on (for the QC overlay).
         out_dir: folder to write into (created if missing).
 
@@ -123,12 +128,19 @@ def write_outputs(result: IFLabelResult, he_rgb: np.ndarray, out_dir: str | Path
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(result, SlideLabelResult):
+        mask = result.mask
+        slide_qc(he_rgb, result, out / "qc.png")
+        qc = out / "qc.png"
+    else:
+        mask = result.marker.mask
+        qc = _qc(result, he_rgb, out / "qc.png")
     return {
         "registration": result.registration.save(out / "registration.json"),
-        "mask": save_mask_png(result.marker.mask, out / "marker_mask.png"),
+        "mask": save_mask_png(mask, out / "marker_mask.png"),
         "labels_parquet": result.labels.write(out / "labels.parquet"),
         "labels_csv": result.labels.write(out / "labels.csv"),
-        "qc": _qc(result, he_rgb, out / "qc.png"),
+        "qc": qc,
     }
 
 

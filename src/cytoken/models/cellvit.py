@@ -156,8 +156,21 @@ def cellvit_config(arch: str, config: dict[str, Any]) -> SegmenterConfig:
         mpp=0.25,
         tile_size=1024,
         overlap=64,
+        postprocess=dict(CELLVIT_POSTPROCESS),
     )
 
+
+#: CellViT++'s post-processing (FACTS.md section 5) as ``HoverConfig`` fields: every cytoken refinement off and the
+#: blurred flooding energy; official checkpoints carry it in ``SegmenterConfig.postprocess`` so the pipeline
+#: reproduces the reference unless the user passes another config (equal to ``HoverConfig.cellvit()``, tested).
+CELLVIT_POSTPROCESS: dict[str, float | int | bool | None] = {
+    "fine_ksize": None,
+    "rescue_markers": False,
+    "centre_seeds": False,
+    "keep_unmarked": False,
+    "merge_unsupported": False,
+    "energy_blur": True,
+}
 
 _HEAD_NAME = {v: k for k, v in CELLVIT_BRANCH_NAMES.items()}
 
@@ -247,7 +260,10 @@ def convert_cellvit_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
             "inputs_not_multiple_of_patch": "area-resized down to the patch grid, decoder features resized back",
             "hv_activation": "identity (clamped to [-1, 1] at inference)",
         },
-        "postprocessing": "HoVer watershed, CellViT++ parameters (see cytoken.postprocess.hover.HoverConfig)",
+        "postprocessing": {
+            "method": "HoVer watershed with CellViT++'s parameters (HoverConfig.cellvit(), scaled to the µm/px)",
+            "hover_config": cfg.postprocess,
+        },
         "cellvit": model.cellvit_meta,  # type: ignore[attr-defined]
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

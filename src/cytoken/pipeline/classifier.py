@@ -35,12 +35,12 @@ from cytoken.classify.bundle import ClassifierBundle, check_compatible
 from cytoken.classify.dataset import DEFAULT_MATCH_RADIUS_UM, LabelledCells, label_cells_from_masks, match_points
 from cytoken.embeddings import EmbeddingCache, array_sha256
 from cytoken.embeddings.cache import CacheEntry, file_fingerprint
-from cytoken.io.atomic import atomic_dir, atomic_write_bytes
+from cytoken.io.atomic import atomic_write_bytes
 from cytoken.io.cellstore import load_cells, save_cells
 from cytoken.io.datasets.base import Dataset
 from cytoken.io.datasets.qupath import DEFAULT_MAX_OBJECT_UM2, QuPathLabels, read_qupath_geojson
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
-from cytoken.pipeline.outputs import CellOutputWriter
+from cytoken.pipeline.outputs import CellOutputWriter, output_folder
 from cytoken.pipeline.predictor import Predictor
 from cytoken.types import Bounds, CellSet, CytokenError
 from cytoken.weights import ModelInfo
@@ -489,12 +489,12 @@ def apply_bundle(folder: Path, bundle: ClassifierBundle) -> dict[str, Any]:
             image = read_image(run["input"], run.get("mpp")).array
         except CytokenError:
             image = None
-    with atomic_dir(folder) as tmp:
-        writer = CellOutputWriter(tmp, gzip_geojson=gz, type_map=type_map,
+    with output_folder(folder) as tmp:  # a failed write names the file and leaves the old outputs as they were
+        writer = CellOutputWriter(tmp, gzip_geojson=gz, type_map=type_map, final=folder,
                                   geojson_meta={"classifier": str(bundle.path)})  # fmt: skip
         writer.add(new)
         if image is not None:
-            CellOutputWriter.overlay(tmp, image, new)
+            writer.write_overlay(image, new)
         info = {k: v for k, v in run.items() if k not in ("cells", "cells_per_class", "embedding_dim", "versions",
                                                           "wall_seconds", "output")}  # fmt: skip
         info["classifier"] = {"bundle": str(bundle.path), "class_names": list(bundle.class_names)}
