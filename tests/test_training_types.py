@@ -129,3 +129,25 @@ def test_default_model_uses_its_tuned_post_processing() -> None:
     assert spec.hover is not None and spec.hover == HoverConfig(**model.config.postprocess)
     mine = HoverConfig(fg_threshold=0.7)  # a user's config wins
     assert decode_spec(model, SegmentConfig(hover=mine)).hover == mine
+
+
+def test_validation_decodes_with_the_models_stored_post_processing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cytoken.postprocess import HoverConfig
+    from cytoken.postprocess import hover as hover_module
+    from cytoken.training.data import ValCrop
+    from cytoken.training.validate import validate
+
+    seen = []
+    real = hover_module.decode_hover
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("config"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hover_module, "decode_hover", spy)
+    model = build_segmenter(SegmenterConfig(**TINY, postprocess={"fg_threshold": 0.6}))
+    inst = np.zeros((32, 32), np.int32)
+    inst[8:20, 8:20] = 1
+    crop = ValCrop(np.zeros((32, 32, 3), np.uint8), inst, None, "crop")
+    metrics = validate(model, [crop], torch.device("cpu"))
+    assert seen == [HoverConfig(fg_threshold=0.6)] and set(metrics) >= {"bpq", "dice", "det_f1"}

@@ -25,13 +25,17 @@ def validate(model: CellSegmenter, crops: list[ValCrop], device: torch.device, *
              batch_size: int = 8) -> dict[str, float]:  # fmt: skip
     """Segment every crop and score it: mean bPQ and Dice over crops, detection F1 from summed TP/FP/FN.
 
-    When the model has a type head and crops carry class labels, ``type_f1`` is the mean of HoVer-Net's per-class
+    Cells are decoded with the model's stored post-processing parameters (defaults when it has none). When the
+    model has a type head and crops carry class labels, ``type_f1`` is the mean of HoVer-Net's per-class
     F1 over the classes present in the labels.
     """
     was_training = model.training
     model.eval()
     pqs, dices = [], []
     det_all, det_typed = DetectionAccumulator(), DetectionAccumulator()
+    # the post-processing stored with the model (SegmenterConfig.postprocess), as the pipeline would use it
+    stored = getattr(getattr(model, "config", None), "postprocess", None)
+    hover = _hover.HoverConfig(**stored) if stored else None
     radius = detection_radius(mpp)
     for i in range(0, len(crops), batch_size):
         chunk = crops[i : i + batch_size]
@@ -41,7 +45,7 @@ def validate(model: CellSegmenter, crops: list[ValCrop], device: torch.device, *
         hv = out.hv.float().cpu().numpy()
         tprob = None if out.type_prob is None else out.type_prob.float().cpu().numpy()
         for j, crop in enumerate(chunk):
-            res = _hover.decode_hover(nuc[j], hv[j], None if tprob is None else tprob[j], mpp)
+            res = _hover.decode_hover(nuc[j], hv[j], None if tprob is None else tprob[j], mpp, config=hover)
             pqs.append(panoptic_quality(crop.inst, res.inst_map).pq)
             dices.append(dice(crop.inst, res.inst_map))
             ids, pts = instance_centroids(crop.inst)
