@@ -149,3 +149,28 @@ def test_classifier_workflow_on_real_labels(tmp_path: Path, tiny_model: Path, ca
     msg = _error(capsys, ["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / "o2"), "--model", str(other),
                           "--classifier", str(bundle), "--quiet"])  # fmt: skip
     assert "retrain the classifier" in msg
+
+
+@needs_data
+def test_segment_hover_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--hover-config overrides the default model's stored post-processing; run.json records what was used."""
+    src = SHARED / "monuseg" / "test" / "images" / "TCGA-2Z-A9J9-01A-01-TS1.png"
+    crop = tmp_path / "crop.png"
+    Image.open(src).convert("RGB").crop((0, 0, 256, 256)).save(crop)
+    base = ["segment", str(crop), "--mpp", "0.25", "--quiet", "--embeddings", "none"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    stored = json.loads((tmp_path / "a" / "crop" / "run.json").read_text())
+    assert stored["postprocess"]["fg_threshold"] == 0.3  # cytoken-default's tuned parameters
+    cfg = tmp_path / "hover.yaml"
+    cfg.write_text("preset: cellvit\nfg_threshold: 0.9\nmin_object_px: 200\n")
+    assert main([*base, "--out", str(tmp_path / "b"), "--hover-config", str(cfg)]) == 0
+    run = json.loads((tmp_path / "b" / "crop" / "run.json").read_text())
+    assert run["postprocess"]["fg_threshold"] == 0.9 and run["postprocess"]["min_object_px"] == 200
+    assert run["cells"] < stored["cells"]  # a stricter foreground and minimum size keep fewer cells
+    cfg.write_text("fg_treshold: 0.4\n")
+    err = _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
+    assert "unknown post-processing parameters ['fg_treshold']" in err
+    cfg.write_text("preset: fancy\n")
+    assert "unknown preset 'fancy'" in _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
+    cfg.write_text("fg_threshold: 1.5\n")
+    assert "fg_threshold" in _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])

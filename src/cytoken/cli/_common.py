@@ -36,3 +36,15 @@ def load_model_or_fail(name: str):
         raise
     except (KeyError, ValueError) as exc:
         raise CytokenError(str(exc)) from None
+
+
+def hover_config_arg(path: str | None):
+    """``--hover-config FILE``: a :class:`~cytoken.postprocess.HoverConfig` read from YAML/JSON, or None."""
+    if path is None:
+        return None
+    from cytoken.postprocess import HoverConfig
+
+    try:
+        return HoverConfig.from_file(path)
+    except ValueError as exc:
+        raise CytokenError(str(exc)) from None

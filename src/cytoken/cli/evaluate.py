@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_int
+from cytoken.cli._common import hover_config_arg, load_model_or_fail, mpp_arg, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
     p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument(
+        "--hover-config",
+        metavar="FILE",
+        help="post-processing parameters: a YAML/JSON mapping of HoverConfig fields, optionally with "
+        "preset: default|cellvit|exact_maps (default: the parameters stored with the model)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         model, info = load_model_or_fail(args.model)
         predictor = Predictor(model, args.device)
         model_id = {"name": info.name, "sha256": info.sha256, "source": info.source}
-    seg = SegmentConfig(batch_size=args.batch_size, device=args.device)
+    seg = SegmentConfig(batch_size=args.batch_size, device=args.device, hover=hover_config_arg(args.hover_config))
     cfg = EvaluateConfig(mpp=args.mpp, save_predictions=args.save_predictions, predictions=args.predictions,
                          limit=args.limit, segment=seg)  # fmt: skip
     metrics = evaluate(ds, predictor, cfg, model_id=model_id, progress=not args.quiet)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_int
+from cytoken.cli._common import hover_config_arg, load_model_or_fail, mpp_arg, positive_int
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".qptiff", ".tiff", ".tif"}
 IMAGE_TIFF_MAX_PIXELS = 8192 * 8192  # TIFFs up to this size go through the image path, larger ones are slides
@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="cytoken-default", help="model name (see `cytoken models`) or weights file")
     p.add_argument("--mpp", type=mpp_arg, default=None, help="µm/px of the inputs when the files do not say")
     p.add_argument("--batch-size", type=positive_int, default=8, help="tiles per forward pass (default 8)")
+    p.add_argument(
+        "--hover-config",
+        metavar="FILE",
+        help="post-processing parameters: a YAML/JSON mapping of HoverConfig fields, optionally with "
+        "preset: default|cellvit|exact_maps (default: the parameters stored with the model)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--tile-size", type=positive_int, default=None, help="window size in model px")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in model px")
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     channels = tuple(c.strip() for c in args.channels.split(",") if c.strip()) if args.channels else None
     config = SegmentConfig(batch_size=args.batch_size, tile_size=args.tile_size, overlap=args.overlap,
                            device=args.device, embeddings=args.embeddings, channels=channels,
-                           intensity=args.intensity)  # fmt: skip
+                           intensity=args.intensity, hover=hover_config_arg(args.hover_config))  # fmt: skip
     multichannel = is_multichannel(model.config)
     if args.he is not None:
         if len(args.inputs) != 1:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cytoken.pipeline.image import SegmentConfig, input_overlay, load_input, segment_image
+from cytoken.pipeline.image import SegmentConfig, input_overlay, load_input, model_hover_config, segment_image
 from cytoken.pipeline.outputs import CellOutputWriter, output_folder
 from cytoken.pipeline.predictor import Predictor
+from cytoken.postprocess import HoverConfig
 from cytoken.types import CellSet
 from cytoken.weights import ModelInfo
 
@@ -33,6 +35,7 @@ def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Pred
         "device": str(predictor.device),
         "embeddings": config.embeddings,
         "class_names": list(mc.names) if mc.num_classes else [],
+        "postprocess": asdict(config.hover or model_hover_config(mc) or HoverConfig()),
         **extra,
     }
 

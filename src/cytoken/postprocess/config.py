@@ -6,7 +6,8 @@ Torch-free; imports only numpy and :mod:`cytoken.types`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from cytoken.types import validate_mpp
 
@@ -182,6 +183,44 @@ class HoverConfig:
         MoNuSeg training maps). On noisy model output it over-splits; use the default there.
         """
         return cls(fine_minmax=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HoverConfig:
+        """Read parameters from a YAML or JSON mapping of field names (unset fields keep their defaults).
+
+        A ``preset`` key (``default``, ``cellvit`` or ``exact_maps``) picks the starting point.
+
+        Raises:
+            ValueError: unreadable file, not a mapping, unknown field or preset, or an out-of-range value.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> f = pathlib.Path(tempfile.mkdtemp()) / "hover.json"
+            >>> _ = f.write_text('{"preset": "cellvit", "fg_threshold": 0.3}')
+            >>> c = HoverConfig.from_file(f); (c.fg_threshold, c.energy_blur)
+            (0.3, True)
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read post-processing parameters from {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of HoverConfig fields, got {type(raw).__name__}")
+        presets = {"default": cls, "cellvit": cls.cellvit, "exact_maps": cls.exact_maps}
+        preset = raw.pop("preset", "default")
+        if preset not in presets:
+            raise ValueError(f"{path}: unknown preset {preset!r}; choose from {sorted(presets)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown post-processing parameters {unknown}; known: {sorted(known)}")
+        try:
+            return replace(presets[preset](), **raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def at(self, mpp: float) -> PixelParams:
         """The parameters in pixels of an image at ``mpp`` µm/px.
