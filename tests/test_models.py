@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -213,3 +216,34 @@ def test_timm_builder() -> None:
 def test_unknown_encoder_lists_known() -> None:
     with pytest.raises(KeyError, match="known: cytoken_s16"):
         build_encoder("resnet9000")
+
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cellvit-checkpoints"
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present")
+@pytest.mark.parametrize("name,manifest", [("uni", "CellViTUNI"), ("virchow", "CellViTVirchow"),
+                                          ("virchow2", "CellViTVirchow2")])  # fmt: skip
+def test_encoder_loads_released_weight_layout(name: str, manifest: str, tmp_path) -> None:
+    """A file in the released layout (timm keys and shapes from the official manifests, no head) loads strictly.
+
+    Only the first two blocks are kept (the test builds the encoder with depth 2) so the file stays small; every
+    other shape is the published one (e.g. Virchow's packed SwiGLU fc1 [6832, 1280], Virchow2's 4 register tokens).
+    """
+    shapes = json.loads((REFERENCE / f"{manifest}.json").read_text())["state_dict"]
+    released = {}
+    for key, shape in shapes.items():
+        if not key.startswith("encoder.") or key.startswith("encoder.head."):
+            continue  # CellViT's own parts, and its tissue head on the encoder, are not in the released file
+        k = key[len("encoder.") :]
+        if k.startswith("blocks.") and int(k.split(".")[1]) >= 2:
+            continue
+        released[k] = torch.randn(shape)
+    torch.save(released, tmp_path / "pytorch_model.bin")
+    enc = build_encoder(name, depth=2, pretrained=str(tmp_path / "pytorch_model.bin"))
+    state = enc.state_dict()
+    assert set(state) == set(released)
+    for k, v in released.items():
+        assert torch.equal(state[k], v), k
+    out = enc(torch.rand(1, 3, 2 * enc.spec.patch_size, 2 * enc.spec.patch_size))
+    assert out.tokens.shape == (1, enc.spec.embed_dim, 2, 2)
