@@ -62,6 +62,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cytoken.metrics import panoptic_quality
 from cytoken.postprocess import HoverConfig, decode_hover, hover_instances_map, hv_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,24 +99,8 @@ def make_maps(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------------------- metric
 def binary_pq(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Binary panoptic quality with unique IoU > 0.5 matching."""
-    _, g = np.unique(gt, return_inverse=True)
-    _, p = np.unique(pred, return_inverse=True)
-    g, p = g.reshape(gt.shape), p.reshape(pred.shape)
-    g = g + (gt.min() > 0)
-    p = p + (pred.min() > 0)
-    ng, npr = int(g.max()) + 1, int(p.max()) + 1
-    inter = np.bincount((g.astype(np.int64) * npr + p).ravel(), minlength=ng * npr).reshape(ng, npr)
-    ag, ap = inter.sum(1)[1:], inter.sum(0)[1:]
-    inter = inter[1:, 1:]
-    gi, pi = np.nonzero(inter)
-    iou = inter[gi, pi] / (ag[gi] + ap[pi] - inter[gi, pi])
-    match = iou > 0.5
-    tp = int(match.sum())
-    if tp == 0:
-        return 0.0
-    fp, fn = len(ap) - tp, len(ag) - tp
-    return float(iou[match].sum() / (tp + 0.5 * fp + 0.5 * fn))
+    """Binary panoptic quality with unique IoU > 0.5 matching (:func:`cytoken.metrics.panoptic_quality`)."""
+    return float(panoptic_quality(gt, pred).pq)
 
 
 # ----------------------------------------------------------------------------------------------------------- peers

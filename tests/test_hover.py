@@ -5,6 +5,7 @@ import pytest
 import shapely
 from PIL import Image
 
+from cytoken.metrics import panoptic_quality
 from cytoken.postprocess import (
     HoverConfig,
     cells_from_instances,
@@ -18,22 +19,8 @@ needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not 
 
 
 def binary_pq(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Binary PQ with unique IoU > 0.5 matching (local helper; the metrics module is tested separately)."""
-    _, g = np.unique(gt, return_inverse=True)
-    _, p = np.unique(pred, return_inverse=True)
-    g = g.reshape(gt.shape) + (gt.min() > 0)
-    p = p.reshape(pred.shape) + (pred.min() > 0)
-    ng, npr = int(g.max()) + 1, int(p.max()) + 1
-    inter = np.bincount((g.astype(np.int64) * npr + p).ravel(), minlength=ng * npr).reshape(ng, npr)
-    ag, ap = inter.sum(1)[1:], inter.sum(0)[1:]
-    inter = inter[1:, 1:]
-    gi, pi = np.nonzero(inter)
-    iou = inter[gi, pi] / (ag[gi] + ap[pi] - inter[gi, pi])
-    match = iou > 0.5
-    tp = int(match.sum())
-    if tp == 0:
-        return 0.0
-    return float(iou[match].sum() / (tp + 0.5 * (len(ap) - tp) + 0.5 * (len(ag) - tp)))
+    """Binary PQ (unique IoU > 0.5 matching) from the metrics module."""
+    return panoptic_quality(gt, pred).pq
 
 
 def disk(shape: tuple[int, int], cx: float, cy: float, r: float) -> np.ndarray:
@@ -48,7 +35,7 @@ def two_touching_disks() -> np.ndarray:
     return gt
 
 
-def test_binary_pq_helper_by_hand():
+def test_binary_pq_by_hand():
     gt = np.zeros((10, 10), np.int32)
     gt[0:4, 0:4] = 1
     gt[6:10, 6:10] = 2

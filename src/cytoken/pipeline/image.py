@@ -393,9 +393,9 @@ def model_hover_config(model_config: Any) -> HoverConfig | None:
     if not params:
         return None
     try:
-        return HoverConfig(**params)
-    except (TypeError, ValueError) as exc:
-        raise CytokenError(f"the model's post-processing parameters {params} are invalid: {exc}") from None
+        return HoverConfig.from_mapping(params, where="the model's post-processing parameters")
+    except ValueError as exc:
+        raise CytokenError(str(exc)) from None
 
 
 def segment_image(

@@ -6,8 +6,10 @@ Torch-free; imports only numpy and :mod:`cytoken.types`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from cytoken.types import validate_mpp
 
@@ -209,18 +211,35 @@ class HoverConfig:
             raise ValueError(f"cannot read post-processing parameters from {path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of HoverConfig fields, got {type(raw).__name__}")
+        return cls.from_mapping(raw, where=str(path))
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any], *, where: str = "post-processing parameters") -> HoverConfig:
+        """Build from a mapping of field names (e.g. a model's stored ``SegmenterConfig.postprocess``).
+
+        A ``preset`` key (``default``, ``cellvit`` or ``exact_maps``) picks the starting point; unset fields keep
+        its values.
+
+        Raises:
+            ValueError: unknown field or preset, or an out-of-range value; the message starts with ``where``.
+
+        Example:
+            >>> HoverConfig.from_mapping({"preset": "cellvit", "fg_threshold": 0.3}).fg_threshold
+            0.3
+        """
+        raw = dict(params)
         presets = {"default": cls, "cellvit": cls.cellvit, "exact_maps": cls.exact_maps}
         preset = raw.pop("preset", "default")
         if preset not in presets:
-            raise ValueError(f"{path}: unknown preset {preset!r}; choose from {sorted(presets)}")
+            raise ValueError(f"{where}: unknown preset {preset!r}; choose from {sorted(presets)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown post-processing parameters {unknown}; known: {sorted(known)}")
+            raise ValueError(f"{where}: unknown post-processing parameters {unknown}; known: {sorted(known)}")
         try:
             return replace(presets[preset](), **raw)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
 
     def at(self, mpp: float) -> PixelParams:
         """The parameters in pixels of an image at ``mpp`` µm/px.

@@ -35,7 +35,7 @@ def validate(model: CellSegmenter, crops: list[ValCrop], device: torch.device, *
     det_all, det_typed = DetectionAccumulator(), DetectionAccumulator()
     # the post-processing stored with the model (SegmenterConfig.postprocess), as the pipeline would use it
     stored = getattr(getattr(model, "config", None), "postprocess", None)
-    hover = _hover.HoverConfig(**stored) if stored else None
+    hover = _hover.HoverConfig.from_mapping(stored, where="the model's post-processing parameters") if stored else None
     radius = detection_radius(mpp)
     for i in range(0, len(crops), batch_size):
         chunk = crops[i : i + batch_size]
