@@ -384,6 +384,54 @@ def test_register_tiled_overview_then_tiles():
 
 
 @needs_shared
+def test_failed_bspline_stage_keeps_the_linear_result(proof, monkeypatch):
+    import cytoken.labeling.registration as registration
+
+    def _raise(*args, **kwargs):
+        raise RuntimeError("ITK ERROR: MattesMutualInformation: Too many samples map outside moving image buffer")
+
+    p = proof[0]
+    monkeypatch.setattr(registration, "_run_bspline", _raise)
+    reg = register(p["he"], p["synth"].image, he_mpp=HE_MPP, config=RegistrationConfig(threads=1, check=False))
+    assert "Too many samples" in reg.quality.deformable_error
+    assert reg.quality.residual_px_after < reg.quality.residual_px_before  # the linear stage still aligned it
+    assert p["reg"].quality.deformable_error is None
+    back = registration.Registration.from_dict(reg.to_dict())
+    assert back.quality.deformable_error == reg.quality.deformable_error
+
+
+@needs_shared
+def test_tile_refinement_is_retried_with_every_pixel_sampled(monkeypatch):
+    import cytoken.labeling.tiled as tiled
+    from cytoken.labeling import register_tiled
+
+    he, inst, ids, _ = _load(PROOF_TILES[0])
+    synth = synthesize_if(inst, ids[::3], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=3)
+    real, seen = tiled.register, []
+
+    def flaky(*args, config, initial=None, **kwargs):
+        if initial is not None:  # a tile refinement (the overview has no initial transform)
+            seen.append(config.sampling_fraction)
+            if config.sampling_fraction < 1 or fail_dense:
+                raise CytokenError(f"registration failed: sampling {config.sampling_fraction}")
+        return real(*args, config=config, initial=initial, **kwargs)
+
+    monkeypatch.setattr(tiled, "register", flaky)
+    cfg = RegistrationConfig(threads=1)
+    fail_dense = False
+    tr = register_tiled(he, synth.image, he_mpp=HE_MPP, tile_px=256, overview_mpp=1.0, config=cfg)
+    assert seen == [0.5, 1.0] and tr.n_refined == 1 and tr.errors == [None]
+    seen.clear()
+    fail_dense = True
+    tr = register_tiled(he, synth.image, he_mpp=HE_MPP, tile_px=256, overview_mpp=1.0, config=cfg)
+    assert seen == [0.5, 1.0] and tr.n_refined == 0
+    assert (
+        tr.errors[0]
+        == "registration failed: sampling 0.5; then with every pixel sampled: registration failed: sampling 1.0"
+    )
+
+
+@needs_shared
 def test_label_from_if_command(tmp_path):
     """The CLI end to end on a real CoNSeP tile with synthetic IF (cells given as the expert instance map)."""
     from cytoken.cli.main import main

@@ -31,6 +31,8 @@ class RegistrationQuality:
         n_matched: nucleus pairs matched after registration.
         matched_fraction: ``n_matched / min(n_he_nuclei, n_if_nuclei)`` (0 when either is 0).
         overlap_fraction: fraction of the H&E grid covered by the registered IF image.
+        deformable_error: when the non-rigid (B-spline) stage failed and its linear result was kept instead, the
+            error it raised; None otherwise.
     """
 
     nmi_before: float
@@ -42,8 +44,9 @@ class RegistrationQuality:
     n_matched: int
     matched_fraction: float
     overlap_fraction: float
+    deformable_error: str | None = None
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str | None]:
         """Plain dict (JSON-ready)."""
         return asdict(self)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -469,6 +469,12 @@ class Registration:
         return cls.from_dict(doc, source=str(path))
 
 
+def _itk_message(exc: RuntimeError) -> str:
+    """The last line of an ITK exception (the readable part)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else repr(exc)
+
+
 def _quality(cfg: RegistrationConfig, fixed: Any, moving: Any, transform: Any, he_mpp: float) -> RegistrationQuality:
     sitk = _sitk()
     ident = sitk.Transform(2, sitk.sitkIdentity)
@@ -584,14 +590,20 @@ def register(
     init = None if initial is None else initial.transform
     try:
         transform = _run_linear(cfg, fixed, moving, init)
-        if cfg.bspline_grid_um is not None:
-            transform = _run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
     except RuntimeError as exc:  # ITK raises RuntimeError, e.g. when no sample maps into the moving image
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise CytokenError(f"registration failed (the images do not overlap or did not align): {first}") from exc
+        msg = _itk_message(exc)
+        raise CytokenError(f"registration failed (the images do not overlap or did not align): {msg}") from exc
+    deformable_error = None
+    if cfg.bspline_grid_um is not None:
+        # the B-spline stage only refines: when its optimiser steps out of the images (ITK raises), the linear
+        # result is kept and judged by the guard like any other, and the failure is recorded in the quality report
+        try:
+            transform = _run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
+        except RuntimeError as exc:
+            deformable_error = _itk_message(exc)
     if not isinstance(transform, sitk.CompositeTransform):
         transform = sitk.CompositeTransform([transform])
-    quality = _quality(cfg, fixed, moving, transform, he_mpp)
+    quality = replace(_quality(cfg, fixed, moving, transform, he_mpp), deformable_error=deformable_error)
     if cfg.check:
         check_registration(quality, cfg)
     return Registration(

@@ -9,8 +9,10 @@
    under the overview transform (plus a ``margin_um`` border) is cropped, and the tile is registered at full
    resolution starting from the overview transform (linear refinement + B-spline, with the nucleus-residual guard
    of :class:`~cytoken.labeling.registration.RegistrationConfig`).
-3. A tile whose refinement fails (too few nuclei, residual over the limit) keeps the overview transform; its error
-   message is recorded in :attr:`TiledRegistration.errors`.
+3. A tile whose refinement fails (the optimiser left the images, too few nuclei, residual over the limit) is tried
+   once more with every pixel sampled by the metric instead of a random ``sampling_fraction`` (slower, but no
+   sampling luck); when that fails too, the tile keeps the overview transform and the error messages are recorded in
+   :attr:`TiledRegistration.errors`.
 
 Every per-tile transform maps global H&E µm to global IF µm, so tiles can be warped independently (there is no
 blending between tiles: a seam may show where neighbouring tiles' deformations differ).
@@ -169,6 +171,31 @@ def _if_crop(reg: Registration, b: Bounds, if_shape: tuple[int, int], margin_um:
     return x0, y0, x1, y1
 
 
+def _refine_tile(
+    he_tile: np.ndarray,
+    crop: IFImage,
+    he_mpp: float,
+    cfg: RegistrationConfig,
+    overview: Registration,
+    b: Bounds,
+    if_origin: tuple[int, int],
+) -> tuple[Registration | None, str | None]:
+    """One tile's refinement; a failure with random metric sampling is retried once with every pixel sampled."""
+    attempts = [cfg] if cfg.sampling_fraction >= 1 else [cfg, replace(cfg, sampling_fraction=1.0)]
+    errors = []
+    for attempt in attempts:
+        try:
+            reg = register(
+                he_tile, crop, he_mpp=he_mpp, config=attempt, initial=overview, he_origin_px=(b.x, b.y),
+                if_origin_px=if_origin,
+            )  # fmt: skip
+        except CytokenError as exc:
+            errors.append(str(exc))
+            continue
+        return reg, None
+    return None, "; then with every pixel sampled: ".join(errors)
+
+
 def register_tiled(
     he_rgb: np.ndarray,
     if_image: IFImage,
@@ -219,22 +246,9 @@ def register_tiled(
             errors.append("tile maps outside the IF image")
             continue
         crop = IFImage(if_image.data[:, y0:y1, x0:x1], if_image.channel_names, mpp=if_image.mpp)
-        try:
-            reg = register(
-                he_rgb[b.y : b.y1, b.x : b.x1],
-                crop,
-                he_mpp=he_mpp,
-                config=cfg,
-                initial=overview,
-                he_origin_px=(b.x, b.y),
-                if_origin_px=(x0, y0),
-            )
-        except CytokenError as exc:
-            regs.append(None)
-            errors.append(str(exc))
-            continue
+        reg, error = _refine_tile(he_rgb[b.y : b.y1, b.x : b.x1], crop, he_mpp, cfg, overview, b, (x0, y0))
         regs.append(reg)
-        errors.append(None)
+        errors.append(error)
     return TiledRegistration(
         overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(he_rgb.shape[0], he_rgb.shape[1])
     )
