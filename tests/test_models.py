@@ -247,3 +247,31 @@ def test_encoder_loads_released_weight_layout(name: str, manifest: str, tmp_path
         assert torch.equal(state[k], v), k
     out = enc(torch.rand(1, 3, 2 * enc.spec.patch_size, 2 * enc.spec.patch_size))
     assert out.tokens.shape == (1, enc.spec.embed_dim, 2, 2)
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present")
+def test_sam_h_loads_the_released_sam_checkpoint_layout(tmp_path) -> None:
+    """The released ``sam_vit_h`` file (``image_encoder.*`` + prompt encoder + mask decoder) loads into ``sam_h``.
+
+    At full depth (32 blocks, global attention in blocks 7/15/23/31 with (127, 80) relative positions, windowed
+    elsewhere with (27, 80)), on the ``meta`` device: the real keys and shapes, no memory. The image-encoder keys are
+    the CellViT-SAM-H manifest's ``encoder.*`` keys (CellViT keeps SAM's names).
+    """
+    shapes = json.loads((REFERENCE / "CellViTSAM-vit_h.json").read_text())["state_dict"]
+    released = {f"image_encoder.{k[len('encoder.') :]}": torch.empty(s, device="meta")
+                for k, s in shapes.items() if k.startswith("encoder.")}  # fmt: skip
+    released["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.empty(2, 128, device="meta")
+    released["mask_decoder.iou_token.weight"] = torch.empty(1, 256, device="meta")
+    torch.save(released, tmp_path / "sam_vit_h_4b8939.pth")
+    with torch.device("meta"):
+        enc = build_encoder("sam_h", pretrained=str(tmp_path / "sam_vit_h_4b8939.pth"))
+    assert len(enc.state_dict()) == len(released) - 2 == 457
+    assert enc.spec.skip_depths == (8, 16, 24, 32)
+    out = enc(torch.empty(1, 3, 256, 256, device="meta"))
+    assert out.tokens.shape == (1, 1280, 16, 16)
+    # a file from another SAM size is refused with the first mismatching shape
+    wrong = {k: torch.empty([*s[:-1], s[-1] // 2] if k.endswith("pos_embed") else s, device="meta")
+             for k, s in ((k, list(v.shape)) for k, v in released.items())}  # fmt: skip
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with torch.device("meta"), pytest.raises(WeightsError, match="first shape mismatch: pos_embed"):
+        build_encoder("sam_h", pretrained=str(tmp_path / "wrong.pth"))

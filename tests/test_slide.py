@@ -325,8 +325,18 @@ def test_real_qptiff_opens_with_named_channels():
         with pytest.raises(CytokenError, match="DAPI, FITC, Cy3"):
             s.read_region(Bounds(0, 0, 64, 64), s.mpp)
         region = s.read_channels(Bounds(100, 200, 300, 150), s.mpp)
+        # the model's grid (0.25 µm/px, about 2x the scan): tiles laid out on it join up to one read of the whole
+        whole = s.read_scaled_channels(Bounds(0, 0, 96, 64), 0.25)
+        parts = [s.read_scaled_channels(Bounds(x, 0, 32, 64), 0.25) for x in (0, 32, 64)]
+        full_w = s.dimensions[0] * s.mpp / 0.25  # the slide's width on the model's grid (~3813 px)
+        edge = s.read_scaled_channels(Bounds(int(full_w) - 8, 0, 16, 4), 0.25)
     expected = tifffile.imread(QPTIFF, series=0)[:, 200:350, 100:400].transpose(1, 2, 0)
     np.testing.assert_array_equal(region, expected)
+    assert whole.shape == (64, 96, 3) and whole.dtype == np.uint8
+    assert np.abs(np.concatenate(parts, axis=1).astype(int) - whole).max() <= 1
+    raw = tifffile.imread(QPTIFF, series=0)[:, :32, :48].transpose(1, 2, 0).astype(float)
+    assert np.abs(whole[::2, ::2].astype(float) - raw).mean() < 8  # ~2x upsampled stored pixels
+    assert edge.shape == (4, 16, 3) and edge[:, :7].any() and not edge[:, 10:].any()  # zero beyond the edge
     assert isinstance(TiffSlide(QPTIFF), TiffSlide)
 
 

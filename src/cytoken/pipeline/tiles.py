@@ -13,6 +13,7 @@ import numpy as np
 
 from cytoken.embeddings import bbox_mean_embeddings, mask_weighted_embeddings
 from cytoken.io.ifimage import to_unit
+from cytoken.io.slide import Slide
 from cytoken.io.tiling import Tile, TileGrid, model_image_size, mpp_scale
 from cytoken.postprocess.hover import HoverConfig, decode_hover
 from cytoken.types import Bounds, CellSet
@@ -155,19 +156,16 @@ class ChannelPlan:
         out[:, : win.shape[1], : win.shape[2]] = win
         return out
 
-    def read_slide_tile(self, slide: object, bounds: Bounds, mpp: float) -> np.ndarray:
+    def read_slide_tile(self, slide: Slide, bounds: Bounds, mpp: float) -> np.ndarray:
         """A (C, h, w) float32 window of a multi-channel slide, as if the slide were resampled to ``mpp`` µm/px.
 
         ``bounds`` is in pixels of that resampled image (the geometry of :meth:`cytoken.io.slide.Slide.
         read_scaled`); pixels whose centre lies outside the slide get ``pad``.
         """
-        s_mpp = float(slide.mpp)  # type: ignore[attr-defined]
-        f = mpp / s_mpp
-        rect = (bounds.x * f, bounds.y * f, bounds.x1 * f, bounds.y1 * f)
-        # Slide has no public scaled multi-channel read; _read_rect is the one read_scaled uses (fill 0 outside).
-        raw = slide._read_rect(rect, bounds.width, bounds.height, fill=0)  # type: ignore[attr-defined]
+        s_mpp = float(slide.mpp)
+        raw = slide.read_scaled_channels(bounds, mpp)
         win = self.to_unit(raw[..., list(self.indices)])
-        full_w, full_h = model_image_size(slide.dimensions, mpp_scale(s_mpp, mpp))  # type: ignore[attr-defined]
+        full_w, full_h = model_image_size(slide.dimensions, mpp_scale(s_mpp, mpp))
         out_x = (bounds.x + np.arange(bounds.width)) >= full_w
         out_y = (bounds.y + np.arange(bounds.height)) >= full_h
         if out_x.any() or out_y.any() or bounds.x < 0 or bounds.y < 0:
