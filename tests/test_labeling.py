@@ -461,3 +461,35 @@ def test_label_from_if_command(tmp_path):
     bad[bad.index("MARKER")] = "CD3"
     assert main([*bad[:-1], str(tmp_path / "out2")]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+@needs_shared
+def test_label_from_if_takes_a_segment_output_folder(tmp_path):
+    """``--cells DIR``: the cells of a ``cytoken segment`` run (default model) are labelled, ids kept."""
+    import pyarrow.parquet as pq
+
+    from cytoken.cli.main import main
+    from cytoken.io.ifimage import write_ome_tiff
+
+    he, inst, ids, truth = _load(PROOF_TILES[0])
+    synth = synthesize_if(inst, ids[truth], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=0)
+    Image.fromarray(he).save(tmp_path / "he.png")
+    write_ome_tiff(synth.image, tmp_path / "if.ome.tif")
+    assert main(["segment", str(tmp_path / "he.png"), "--mpp", str(HE_MPP), "--out", str(tmp_path / "seg")]) == 0
+    seg = tmp_path / "seg" / "he"
+    argv = ["label-from-if", "--he", str(tmp_path / "he.png"), "--he-mpp", str(HE_MPP), "--if",
+            str(tmp_path / "if.ome.tif"), "--marker", "MARKER", "--cells", str(seg),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    cells = pq.read_table(seg / "cells.parquet").to_pandas()
+    table = pq.read_table(tmp_path / "out" / "labels.parquet").to_pandas()
+    assert sorted(table["cell_id"]) == sorted(cells["id"])
+    # a model cell is truly positive when its centroid lies on an expert inflammatory nucleus
+    truth_of = dict(zip(ids, truth))
+    xy = cells.set_index("id").loc[table["cell_id"], ["x", "y"]].to_numpy().round().astype(int)
+    under = inst[np.clip(xy[:, 1], 0, inst.shape[0] - 1), np.clip(xy[:, 0], 0, inst.shape[1] - 1)]
+    on_cell = under > 0
+    gt = np.array([truth_of.get(i, False) for i in under])
+    kept = table["kept"].to_numpy() & on_cell
+    pred = table["label"].to_numpy() == 1
+    assert kept.sum() > 50 and (pred[kept] == gt[kept]).mean() >= 0.9
