@@ -18,13 +18,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = SegmenterConfig(encoder="vit_tiny_test", num_classes=2, class_names=["a", "b"], tile_size=128, overlap=32)
-    return save_segmenter(build_segmenter(cfg), tmp_path_factory.mktemp("m") / "tiny.safetensors")
-
-
 @pytest.fixture()
 def image(tmp_path: Path) -> Path:
     p = tmp_path / "img.png"

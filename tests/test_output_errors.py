@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cytoken.cli.main import main
 from cytoken.io.atomic import AtomicFile
 from cytoken.io.export import H5ADCellWriter
-from cytoken.models import SegmenterConfig, build_segmenter, save_segmenter
 from cytoken.pipeline.image import SegmentConfig
 from cytoken.pipeline.outputs import CellOutputWriter, OutputWriteError
 from cytoken.pipeline.run import segment_image_file
@@ -89,13 +87,6 @@ def _small_disk(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
 
     monkeypatch.setattr(AtomicFile, "__init__", limited)
     monkeypatch.setattr("cytoken.io.export._stream._FLUSH_BYTES", 2048)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = SegmenterConfig(encoder="vit_tiny_test", num_classes=2, class_names=["a", "b"], tile_size=128, overlap=32)
-    return save_segmenter(build_segmenter(cfg), tmp_path_factory.mktemp("m") / "tiny.safetensors")
 
 
 @pytest.fixture()
