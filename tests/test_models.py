@@ -222,8 +222,8 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" 
 
 
 @pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present")
-@pytest.mark.parametrize("name,manifest", [("uni", "CellViTUNI"), ("virchow", "CellViTVirchow"),
-                                          ("virchow2", "CellViTVirchow2")])  # fmt: skip
+@pytest.mark.parametrize("name,manifest", [("hipt256", "CellViT256"), ("uni", "CellViTUNI"),
+                                          ("virchow", "CellViTVirchow"), ("virchow2", "CellViTVirchow2")])  # fmt: skip
 def test_encoder_loads_released_weight_layout(name: str, manifest: str, tmp_path) -> None:
     """A file in the released layout (timm keys and shapes from the official manifests, no head) loads strictly.
 
