@@ -29,119 +29,25 @@ import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from cytoken.io.atomic import atomic_write_text
 from cytoken.io.ifimage import IFImage
+from cytoken.labeling.itk_stages import itk_message, normalise, resample_to, run_bspline, run_linear, to_sitk
 from cytoken.labeling.quality import (
     RegistrationQuality,
     detect_nuclei,
     match_points,
     normalized_mutual_information,
 )
+from cytoken.labeling.regconfig import RegistrationConfig, import_sitk
 from cytoken.types import CytokenError, validate_mpp
 
 __all__ = ["Registration", "RegistrationConfig", "check_registration", "hematoxylin", "register"]
 
 _FORMAT = "cytoken.registration/1"
-
-
-def _sitk() -> Any:
-    try:
-        import SimpleITK as sitk
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise CytokenError(
-            "IF-to-H&E registration needs SimpleITK: pip install 'cytoken[labeling]' (or pip install SimpleITK)"
-        ) from exc
-    return sitk
-
-
-@dataclass(frozen=True)
-class RegistrationConfig:
-    """Settings of :func:`register`.
-
-    Attributes:
-        nuclear_channel: IF channel with the nuclear stain (name, case-insensitive, or index).
-        working_mpp: µm/px of the grid registration runs on; None = the coarser of the H&E and IF µm/px.
-        linear: ``"rigid"`` (rotation + translation) or ``"affine"`` (rigid first, then a full affine refinement).
-        bspline_grid_um: B-spline control-point spacing in µm; None skips the non-rigid stage.
-        levels: pyramid levels (shrink factors 2**k, reduced while the smallest level would be under 48 px).
-        iterations: maximum optimiser iterations of the linear stage per level.
-        bspline_iterations: maximum L-BFGS-B iterations of the B-spline stage per level.
-        bspline_levels: pyramid levels of the B-spline stage.
-        bspline_tolerance_factor: L-BFGS-B stops when the relative cost reduction is below this times machine
-            epsilon (1e12 loose, 1e7 moderate, 10 tight).
-        final_smoothing_px: Gaussian smoothing (working-grid pixels) at the finest pyramid level.
-        histogram_bins: Mattes mutual-information histogram bins.
-        metric: ``"mattes"`` (mutual information) or ``"correlation"`` (normalised cross-correlation, for stains
-            whose intensities rise together, as hematoxylin and DAPI do).
-        sampling_fraction: fraction of working-grid pixels sampled by the metric (random, seeded).
-        initial_translation: ``"phase"`` (phase correlation) or ``"none"`` (start from the identity in µm).
-        nucleus_radius_um: typical nucleus radius for the quality check's blob detection.
-        nucleus_detection: ``"peaks"`` (maxima of the smoothed image) or ``"blobs"`` (centroids of thresholded,
-            watershed-split blobs), see :func:`~cytoken.labeling.quality.detect_nuclei`.
-        match_radius_um: largest distance between two nuclei paired by the quality check.
-        max_residual_px: largest accepted median nucleus residual after registration, in H&E pixels.
-        min_matched_fraction: smallest accepted fraction of nuclei that pair up after registration.
-        min_nuclei: fewest hematoxylin nuclei needed to judge the result (fewer raises ``CytokenError``).
-        check: apply the ``max_residual_px`` / ``min_matched_fraction`` / ``min_nuclei`` guard.
-        seed: seed of the metric sampling (>= 0; results are reproducible for a fixed seed and ``threads``).
-        threads: SimpleITK threads (None = SimpleITK's default).
-    """
-
-    nuclear_channel: str | int = "DAPI"
-    working_mpp: float | None = None
-    linear: Literal["rigid", "affine"] = "rigid"
-    bspline_grid_um: float | None = 32.0
-    levels: int = 3
-    iterations: int = 200
-    bspline_iterations: int = 100
-    bspline_levels: int = 2
-    bspline_tolerance_factor: float = 1e7
-    final_smoothing_px: float = 0.0
-    histogram_bins: int = 32
-    metric: Literal["mattes", "correlation"] = "mattes"
-    sampling_fraction: float = 0.5
-    initial_translation: Literal["phase", "none"] = "phase"
-    nucleus_radius_um: float = 2.0
-    nucleus_detection: Literal["peaks", "blobs"] = "blobs"
-    match_radius_um: float = 2.0
-    max_residual_px: float = 4.0
-    min_matched_fraction: float = 0.4
-    min_nuclei: int = 5
-    check: bool = True
-    seed: int = 0
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.working_mpp is not None:
-            validate_mpp(self.working_mpp, source="RegistrationConfig.working_mpp")
-        if self.linear not in ("rigid", "affine"):
-            raise ValueError(f"RegistrationConfig.linear must be 'rigid' or 'affine', got {self.linear!r}")
-        if self.metric not in ("mattes", "correlation"):
-            raise ValueError(f"RegistrationConfig.metric must be 'mattes' or 'correlation', got {self.metric!r}")
-        if self.seed < 0:
-            raise ValueError(f"RegistrationConfig.seed must be >= 0, got {self.seed}")
-        if self.initial_translation not in ("phase", "none"):
-            raise ValueError(
-                f"RegistrationConfig.initial_translation must be 'phase' or 'none', got {self.initial_translation!r}"
-            )
-        if self.bspline_grid_um is not None and self.bspline_grid_um <= 0:
-            raise ValueError(f"RegistrationConfig.bspline_grid_um must be > 0 or None, got {self.bspline_grid_um}")
-        if not 0 < self.sampling_fraction <= 1:
-            raise ValueError(f"RegistrationConfig.sampling_fraction must be in (0, 1], got {self.sampling_fraction}")
-        for name in ("levels", "bspline_levels", "iterations", "bspline_iterations", "histogram_bins"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"RegistrationConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("nucleus_radius_um", "match_radius_um", "max_residual_px"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"RegistrationConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.min_matched_fraction <= 1:
-            raise ValueError(
-                f"RegistrationConfig.min_matched_fraction must be in [0, 1], got {self.min_matched_fraction}"
-            )
 
 
 def hematoxylin(rgb: np.ndarray) -> np.ndarray:
@@ -158,148 +64,6 @@ def hematoxylin(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"hematoxylin expects an (H, W, 3) RGB image, got shape {rgb.shape}")
     return rgb2hed(rgb[..., :3])[..., 0].astype(np.float32)
-
-
-def _normalise(img: np.ndarray) -> np.ndarray:
-    img = np.asarray(img, np.float32)
-    lo, hi = np.percentile(img, [1.0, 99.5])
-    if hi <= lo:
-        return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _resample_to(img: np.ndarray, mpp: float, target_mpp: float, origin_px: tuple[float, float]) -> tuple:
-    """Area/linear resize to ``target_mpp``; returns (array, spacing (sx, sy), physical origin (ox, oy))."""
-    import cv2
-
-    h, w = img.shape
-    scale = mpp / target_mpp
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) == (h, w):
-        out = img.astype(np.float32)
-    else:
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        out = cv2.resize(img.astype(np.float32), (nw, nh), interpolation=interp)
-    sx, sy = mpp * w / nw, mpp * h / nh
-    # centre of new pixel 0 = centre of its footprint in the old grid
-    ox = origin_px[0] * mpp + 0.5 * sx - 0.5 * mpp
-    oy = origin_px[1] * mpp + 0.5 * sy - 0.5 * mpp
-    return out, (sx, sy), (ox, oy)
-
-
-def _to_sitk(arr: np.ndarray, spacing: tuple[float, float], origin: tuple[float, float]) -> Any:
-    sitk = _sitk()
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr, np.float32))
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetOrigin(tuple(float(o) for o in origin))
-    return img
-
-
-def _shrink_factors(shape: tuple[int, int], levels: int) -> tuple[list[int], list[float]]:
-    n = max(1, levels)
-    while n > 1 and min(shape) / 2 ** (n - 1) < 48:
-        n -= 1
-    shrink = [2**k for k in range(n - 1, -1, -1)]
-    return shrink, [float(s) / 2 if s > 1 else 0.0 for s in shrink]
-
-
-def _phase_translation(fixed: Any, moving: Any) -> tuple[float, float]:
-    """Physical translation t with fixed point x ~ moving point x + t, from phase correlation on the working grid."""
-    from skimage.registration import phase_cross_correlation
-
-    sitk = _sitk()
-    a = sitk.GetArrayViewFromImage(fixed)
-    b = sitk.GetArrayViewFromImage(moving)
-    shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
-    pa = np.zeros(shape, np.float32)
-    pb = np.zeros(shape, np.float32)
-    pa[: a.shape[0], : a.shape[1]] = a - a.mean()
-    pb[: b.shape[0], : b.shape[1]] = b - b.mean()
-    shift, _, _ = phase_cross_correlation(pa, pb, normalization=None, upsample_factor=4)
-    sx, sy = fixed.GetSpacing()
-    ofx, ofy = fixed.GetOrigin()
-    omx, omy = moving.GetOrigin()
-    return (float(omx - ofx - shift[1] * sx), float(omy - ofy - shift[0] * sy))
-
-
-def _method(cfg: RegistrationConfig, fixed: Any, iterations: int, *, bspline: bool) -> Any:
-    sitk = _sitk()
-    reg = sitk.ImageRegistrationMethod()
-    if cfg.metric == "correlation":
-        reg.SetMetricAsCorrelation()
-    else:
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=cfg.histogram_bins)
-    if cfg.sampling_fraction < 1:
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(cfg.sampling_fraction, cfg.seed + 1)  # seed 0 means "wall clock" in ITK
-    reg.SetInterpolator(sitk.sitkLinear)
-    shrink, sigmas = _shrink_factors(fixed.GetSize()[::-1], cfg.bspline_levels if bspline else cfg.levels)
-    sigmas[-1] = cfg.final_smoothing_px
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel(sigmas)
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    if cfg.threads is not None:
-        reg.SetNumberOfThreads(int(cfg.threads))
-    if bspline:
-        reg.SetOptimizerAsLBFGSB(
-            gradientConvergenceTolerance=1e-5,
-            numberOfIterations=iterations,
-            maximumNumberOfCorrections=5,
-            maximumNumberOfFunctionEvaluations=4 * iterations,
-            costFunctionConvergenceFactor=cfg.bspline_tolerance_factor,
-        )
-    else:
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
-        )
-        reg.SetOptimizerScalesFromPhysicalShift()
-    return reg
-
-
-def _centre(img: Any) -> tuple[float, float]:
-    size = img.GetSize()
-    return img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in size])
-
-
-def _run_linear(cfg: RegistrationConfig, fixed: Any, moving: Any, initial: Any | None) -> Any:
-    sitk = _sitk()
-    euler = sitk.Euler2DTransform()
-    euler.SetCenter(_centre(fixed))
-    reg = _method(cfg, fixed, cfg.iterations, bspline=False)
-    if initial is not None:
-        reg.SetMovingInitialTransform(initial)
-    elif cfg.initial_translation == "phase":
-        euler.SetTranslation(_phase_translation(fixed, moving))
-    reg.SetInitialTransform(euler, inPlace=True)
-    reg.Execute(fixed, moving)
-    result: Any = sitk.Euler2DTransform(euler)
-    if cfg.linear == "affine":
-        affine = sitk.AffineTransform(2)
-        affine.SetCenter(euler.GetCenter())
-        affine.SetMatrix(euler.GetMatrix())
-        affine.SetTranslation(euler.GetTranslation())
-        reg = _method(cfg, fixed, cfg.iterations, bspline=False)
-        if initial is not None:
-            reg.SetMovingInitialTransform(initial)
-        reg.SetInitialTransform(affine, inPlace=True)
-        reg.Execute(fixed, moving)
-        result = sitk.AffineTransform(affine)
-    if initial is not None:
-        return sitk.CompositeTransform([initial, result])
-    return result
-
-
-def _run_bspline(cfg: RegistrationConfig, fixed: Any, moving: Any, linear: Any, grid_um: float) -> Any:
-    sitk = _sitk()
-    size = fixed.GetSize()
-    spacing = fixed.GetSpacing()
-    mesh = [max(1, round(n * s / grid_um)) for n, s in zip(size, spacing)]
-    bsp = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    reg = _method(cfg, fixed, cfg.bspline_iterations, bspline=True)
-    reg.SetMovingInitialTransform(linear)
-    reg.SetInitialTransform(bsp, inPlace=True)
-    reg.Execute(fixed, moving)
-    return sitk.CompositeTransform([linear, bsp])
 
 
 @dataclass
@@ -334,7 +98,7 @@ class Registration:
             >>> reg.if_coordinates()[0].tolist()  # doctest: +SKIP
             [[0.0, 0.5], [0.0, 0.5]]
         """
-        sitk = _sitk()
+        sitk = import_sitk()
         h, w = self.he_shape
         origin = (self.he_origin_px[0] * self.he_mpp, self.he_origin_px[1] * self.he_mpp)
         field = sitk.TransformToDisplacementField(
@@ -413,7 +177,7 @@ class Registration:
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         """The transform (ITK text) and its metadata as a JSON-ready dict (what :meth:`save` writes)."""
-        sitk = _sitk()
+        sitk = import_sitk()
         tx = self.transform
         if isinstance(tx, sitk.CompositeTransform):  # nested composites (tile refinements) cannot be written as is
             tx = sitk.CompositeTransform(tx)
@@ -436,7 +200,7 @@ class Registration:
     @classmethod
     def from_dict(cls, doc: dict[str, Any], *, source: str = "registration") -> Registration:
         """Rebuild a registration from :meth:`to_dict` output (``source`` names it in error messages)."""
-        sitk = _sitk()
+        sitk = import_sitk()
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise CytokenError(f"{source} is not a cytoken registration (expected format {_FORMAT!r})")
         with tempfile.TemporaryDirectory() as tmp:
@@ -469,14 +233,8 @@ class Registration:
         return cls.from_dict(doc, source=str(path))
 
 
-def _itk_message(exc: RuntimeError) -> str:
-    """The last line of an ITK exception (the readable part)."""
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else repr(exc)
-
-
 def _quality(cfg: RegistrationConfig, fixed: Any, moving: Any, transform: Any, he_mpp: float) -> RegistrationQuality:
-    sitk = _sitk()
+    sitk = import_sitk()
     ident = sitk.Transform(2, sitk.sitkIdentity)
     ones = sitk.Image(moving.GetSize(), sitk.sitkFloat32) + 1.0
     ones.CopyInformation(moving)
@@ -570,7 +328,7 @@ def register(
         >>> reg.warp_if_to_he(if_img).data.shape[1:] == he.shape[:2]  # doctest: +SKIP
         True
     """
-    sitk = _sitk()
+    sitk = import_sitk()
     cfg = config or RegistrationConfig()
     he_mpp = validate_mpp(he_mpp, source="register(he_mpp=...)")
     if if_image.mpp is None:
@@ -582,25 +340,25 @@ def register(
     ch = if_image.index(cfg.nuclear_channel)
     work = cfg.working_mpp or max(he_mpp, if_mpp)
 
-    fix_arr, fsp, forg = _resample_to(_normalise(hematoxylin(he_rgb)), he_mpp, work, he_origin_px)
-    mov_arr, msp, morg = _resample_to(_normalise(if_image.data[ch]), if_mpp, work, if_origin_px)
-    fixed = _to_sitk(fix_arr, fsp, forg)
-    moving = _to_sitk(mov_arr, msp, morg)
+    fix_arr, fsp, forg = resample_to(normalise(hematoxylin(he_rgb)), he_mpp, work, he_origin_px)
+    mov_arr, msp, morg = resample_to(normalise(if_image.data[ch]), if_mpp, work, if_origin_px)
+    fixed = to_sitk(fix_arr, fsp, forg)
+    moving = to_sitk(mov_arr, msp, morg)
 
     init = None if initial is None else initial.transform
     try:
-        transform = _run_linear(cfg, fixed, moving, init)
+        transform = run_linear(cfg, fixed, moving, init)
     except RuntimeError as exc:  # ITK raises RuntimeError, e.g. when no sample maps into the moving image
-        msg = _itk_message(exc)
+        msg = itk_message(exc)
         raise CytokenError(f"registration failed (the images do not overlap or did not align): {msg}") from exc
     deformable_error = None
     if cfg.bspline_grid_um is not None:
         # the B-spline stage only refines: when its optimiser steps out of the images (ITK raises), the linear
         # result is kept and judged by the guard like any other, and the failure is recorded in the quality report
         try:
-            transform = _run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
+            transform = run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
         except RuntimeError as exc:
-            deformable_error = _itk_message(exc)
+            deformable_error = itk_message(exc)
     if not isinstance(transform, sitk.CompositeTransform):
         transform = sitk.CompositeTransform([transform])
     quality = replace(_quality(cfg, fixed, moving, transform, he_mpp), deformable_error=deformable_error)
