@@ -40,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "preset: default|cellvit|exact_maps (default: the parameters stored with the model)",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average 4 flipped passes (4x time)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -65,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
     model_id = None
     if args.predictions is None:
         model, info = load_model_or_fail(args.model)
-        predictor = Predictor(model, args.device)
+        predictor = Predictor(model, args.device, tta=args.tta)
         model_id = {"name": info.name, "sha256": info.sha256, "source": info.source}
-    seg = SegmentConfig(batch_size=args.batch_size, device=args.device, hover=hover_config_arg(args.hover_config))
+    seg = SegmentConfig(
+        batch_size=args.batch_size, device=args.device, tta=args.tta, hover=hover_config_arg(args.hover_config)
+    )
     cfg = EvaluateConfig(mpp=args.mpp, save_predictions=args.save_predictions, predictions=args.predictions,
                          limit=args.limit, segment=seg)  # fmt: skip
     metrics = evaluate(ds, predictor, cfg, model_id=model_id, progress=not args.quiet)

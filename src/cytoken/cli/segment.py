@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "preset: default|cellvit|exact_maps (default: the parameters stored with the model)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average 4 flipped passes (4x time)")
     p.add_argument("--tile-size", type=positive_int, default=None, help="window size in model px")
     p.add_argument("--overlap", type=int, default=None, help="window overlap in model px")
     p.add_argument(
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_model_or_fail(args.model)
     channels = tuple(c.strip() for c in args.channels.split(",") if c.strip()) if args.channels else None
     config = SegmentConfig(batch_size=args.batch_size, tile_size=args.tile_size, overlap=args.overlap,
-                           device=args.device, embeddings=args.embeddings, channels=channels,
+                           device=args.device, tta=args.tta, embeddings=args.embeddings, channels=channels,
                            intensity=args.intensity, hover=hover_config_arg(args.hover_config))  # fmt: skip
     multichannel = is_multichannel(model.config)
     if args.he is not None:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             raise CytokenError(f"--he image not found: {args.he}")
     if (args.channels or args.intensity != "dtype") and not multichannel:
         raise CytokenError("--channels and --intensity are for models with multi-channel inputs; this model reads RGB")
-    predictor = Predictor(model, config.device, amp=config.amp)
+    predictor = Predictor(model, config.device, amp=config.amp, tta=config.tta)
     bundle = None
     if args.classifier is not None:
         from cytoken.classify import check_compatible, load_bundle

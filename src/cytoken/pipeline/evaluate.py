@@ -188,6 +188,8 @@ def evaluate(
         out["mpq"] = float(res.mpq)
         out["mpq_convention"] = "pannuke"
     out["model"] = model_id or {"predictions": str(config.predictions)}
+    if predictor is not None:
+        out["tta"] = bool(getattr(predictor, "tta", False))
     out["data"] = {"dataset": dataset.name, "root": str(dataset.root), "split": dataset.split}
     out["conventions"] = CONVENTIONS
     return out

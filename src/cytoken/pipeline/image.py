@@ -57,6 +57,8 @@ class SegmentConfig:
         overlap: window overlap in model pixels (default: the model's; must exceed the largest nucleus diameter).
         device: ``cpu`` (default), ``cuda``, ``mps`` or ``auto``.
         amp: mixed-precision inference.
+        tta: flip test-time augmentation (4 forward passes per tile; see
+            :class:`~cytoken.pipeline.predictor.Predictor`).
         embeddings: per-cell embeddings: ``mask`` (default), ``bbox`` (CellViT++ parity) or ``none``.
         hover: post-processing parameters (default :class:`HoverConfig`).
         channels: multi-channel models only: which image channel feeds each model channel, overriding the match
@@ -72,6 +74,7 @@ class SegmentConfig:
     overlap: int | None = None
     device: str = "cpu"
     amp: bool = False
+    tta: bool = False
     embeddings: Literal["mask", "bbox", "none"] = "mask"
     hover: HoverConfig | None = None
     channels: tuple[str, ...] | None = None
@@ -475,7 +478,10 @@ def _segment(
     if mpp is None and isinstance(image, IFImage):
         mpp = image.mpp
     mpp = validate_mpp(mpp, source="mpp")
-    predictor = model if isinstance(model, Predictor) else Predictor(model, config.device, amp=config.amp)
+    if isinstance(model, Predictor):
+        predictor = model
+    else:
+        predictor = Predictor(model, config.device, amp=config.amp, tta=config.tta)
     seg = predictor.model
     mc = seg.config  # type: ignore[attr-defined]
     plan: ChannelPlan | None = None

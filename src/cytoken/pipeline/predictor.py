@@ -37,12 +37,17 @@ class Predictor:
         model: the segmenter (put in eval mode here).
         device: torch device name.
         amp: autocast (bfloat16 on CPU, float16 on CUDA).
+        tta: test-time augmentation: the model also sees each batch flipped left-right, top-bottom and both; the
+            four predictions are flipped back (the horizontal/vertical distance maps change sign along a flipped
+            axis) and averaged. Four forward passes per batch; the token grid (cell embeddings) comes from the
+            unflipped pass only, so embeddings are the same with or without it.
     """
 
-    def __init__(self, model: CellSegmenter, device: str = "cpu", *, amp: bool = False) -> None:
+    def __init__(self, model: CellSegmenter, device: str = "cpu", *, amp: bool = False, tta: bool = False) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.amp = amp
+        self.tta = tta
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> list[TileOutput]:
@@ -50,9 +55,34 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
-            out = self.model(self.model.preprocess(x))
-        nuc = out.nuclei_prob[:, 1].float().cpu().numpy()
-        hv = out.hv.float().cpu().numpy()
-        tp = None if out.type_prob is None else out.type_prob.float().cpu().numpy()
+            x = self.model.preprocess(x)
+            out = self.model(x)
+            nuc, hv = out.nuclei_prob[:, 1].float(), out.hv.float()
+            tp = None if out.type_prob is None else out.type_prob.float()
+            if self.tta:
+                nuc, hv, tp = self._flip_average(x, nuc, hv, tp)
+        nuc_np, hv_np = nuc.cpu().numpy(), hv.cpu().numpy()
+        tp_np = None if tp is None else tp.cpu().numpy()
         tok = out.tokens.float().cpu().numpy()
-        return [TileOutput(nuc[i], hv[i], None if tp is None else tp[i], tok[i]) for i in range(len(tiles))]
+        return [
+            TileOutput(nuc_np[i], hv_np[i], None if tp_np is None else tp_np[i], tok[i]) for i in range(len(tiles))
+        ]
+
+    def _flip_average(
+        self, x: torch.Tensor, nuc: torch.Tensor, hv: torch.Tensor, tp: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Add the predictions on the three flipped copies of ``x``, flipped back, and average the four."""
+        nuc, hv = nuc.clone(), hv.clone()
+        tp = None if tp is None else tp.clone()
+        for dims in ((3,), (2,), (2, 3)):
+            o = self.model(torch.flip(x, dims))
+            nuc += torch.flip(o.nuclei_prob[:, 1].float(), [d - 1 for d in dims])
+            back = torch.flip(o.hv.float(), dims)
+            if 3 in dims:  # left-right: the horizontal distance to the centroid changes sign
+                back[:, 0] = -back[:, 0]
+            if 2 in dims:  # top-bottom: the vertical one does
+                back[:, 1] = -back[:, 1]
+            hv += back
+            if tp is not None and o.type_prob is not None:
+                tp += torch.flip(o.type_prob.float(), dims)
+        return nuc / 4, hv / 4, None if tp is None else tp / 4

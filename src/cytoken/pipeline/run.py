@@ -33,6 +33,7 @@ def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Pred
         "overlap": mc.overlap if config.overlap is None else config.overlap,
         "batch_size": config.batch_size,
         "device": str(predictor.device),
+        "tta": bool(getattr(predictor, "tta", False)),
         "embeddings": config.embeddings,
         "class_names": list(mc.names) if mc.num_classes else [],
         "postprocess": asdict(config.hover or model_hover_config(mc) or HoverConfig()),
