@@ -183,3 +183,44 @@ def test_evaluate_pannuke_uses_its_tissue_convention(tmp_path: Path) -> None:
     m = evaluate(ds, oracle, EvaluateConfig(), progress=False)
     assert m["bpq"] == pytest.approx(1.0) and m["det_f1"] == pytest.approx(1.0)
     assert m["mpq_convention"] == "pannuke" and m["mpq"] == pytest.approx(0.0)  # the oracle predicts no classes
+
+
+def test_cpu_budget_schedule_follows_the_budget() -> None:
+    from cytoken.training.budget import CpuBudget
+
+    b = CpuBudget(1.0, warmup_steps=4)  # 60 CPU-s
+    assert [b.lr_factor(s, "cosine", 0.9, 10) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    b.used, b.used_at_warmup_end = 10.0, 10.0
+    assert b.lr_factor(4, "cosine", 0.9, 10) == pytest.approx(1.0)
+    b.used = 35.0  # half of the budget after warm-up
+    assert b.lr_factor(9, "cosine", 0.9, 10) == pytest.approx(0.51)
+    b.used = 60.0
+    assert b.exhausted and b.lr_factor(99, "cosine", 0.9, 10) == pytest.approx(0.02)
+    assert b.lr_factor(24, "exponential", 0.9, 10) == pytest.approx(0.9**2)
+    assert b.lr_factor(24, "constant", 0.9, 10) == 1.0
+    with pytest.raises(ValueError, match="positive"):
+        CpuBudget(0, warmup_steps=0)
+
+
+@needs_data
+def test_training_stops_when_the_cpu_budget_is_spent(tmp_path: Path, monkeypatch) -> None:
+    import cytoken.training.budget as budget_mod
+    import cytoken.training.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: calls.append(1) or {"bpq": 0.5, "dice": 0.5, "det_f1": 0.5})
+    clock = iter(range(0, 10**6, 10))  # a fake process clock: every reading is 10 CPU-s later than the one before
+    monkeypatch.setattr(budget_mod.time, "process_time", lambda: float(next(clock)))
+    cfg = _config(tmp_path, "budget", epochs=50, warmup_epochs=1, cpu_budget_minutes=1.0, val_every=100)
+    r = loop.train_segmenter(cfg, progress=False)
+    # 2 steps per epoch, 10 s per step: the budget of 60 s ends after step 6 (mid-run, far before epoch 50)
+    assert r.epochs_run == 3 and sum(row["steps"] for row in r.history) == 6
+    assert r.history[-1]["cpu_s"] >= 60 and calls == [1]  # the last epoch validates although val_every is 100
+    # warm-up ends at 20 s; each step's rate is set from the budget fraction used before it: the last step (at
+    # 50 of 60 s) runs at 3/4 of the cosine
+    assert r.history[-1]["lr"] == pytest.approx(1e-3 * (0.02 + 0.49 * (1 + np.cos(0.75 * np.pi))))
+    ck = torch.load(tmp_path / "budget" / "last.pt", weights_only=False)
+    assert ck["budget"]["used"] >= 60
+    # resuming a spent budget trains no further
+    again = loop.train_segmenter(cfg, resume=True, progress=False)
+    assert len(again.history) == 3

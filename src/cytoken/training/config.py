@@ -135,6 +135,9 @@ class TrainConfig(_Strict):
         batch_size: crops per optimiser step and process (before accumulation).
         grad_accum: gradient accumulation steps.
         epochs: maximal epochs.
+        cpu_budget_minutes: train for this many CPU-minutes of the training process instead of a number of epochs
+            (``epochs`` stays an upper bound): training stops after the optimiser step that uses the budget up, and
+            the schedule after warm-up spans the budget (see :mod:`cytoken.training.budget`). None = off.
         steps_per_epoch: optimiser steps per epoch.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -173,6 +176,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     epochs: int = Field(100, ge=1)
+    cpu_budget_minutes: float | None = Field(None, gt=0)
     steps_per_epoch: int = Field(100, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -30,6 +30,7 @@ from cytoken.models.lora import add_lora, lora_layers, merged_state_dict, save_l
 from cytoken.models.segmenter import CellSegmenter
 from cytoken.models.store import load_segmenter, save_segmenter
 from cytoken.models.weights_io import load_state_dict_strict
+from cytoken.training.budget import CpuBudget
 from cytoken.training.config import TrainConfig
 from cytoken.training.data import CropDataset, balanced_type_weights, load_sources, validation_crops
 from cytoken.training.losses import hover_loss
@@ -207,6 +208,10 @@ def train_segmenter(
         weight_decay=config.weight_decay,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
+    budget = None
+    if config.cpu_budget_minutes:
+        budget = CpuBudget(config.cpu_budget_minutes, config.warmup_epochs * config.steps_per_epoch,
+                           distributed=distributed)  # fmt: skip
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     ema = None
@@ -241,6 +246,8 @@ def train_segmenter(
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
         _set_rng_state(ck["rng"])
+        if budget is not None and ck.get("budget"):
+            budget.load_state_dict(ck["budget"])
         start_epoch, best, bad_epochs, history = (
             ck["epoch"] + 1,
             ck["best_metric"],
@@ -257,6 +264,8 @@ def train_segmenter(
     epochs_this_call = 0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs):
+        if budget is not None and budget.exhausted:
+            break
         frozen = epoch < config.phases.freeze_encoder_epochs
         _set_trainable(enc_params, not frozen)
         _select_trainable(model, config.trainable)
@@ -279,6 +288,9 @@ def train_segmenter(
         sums: dict[str, float] = {}
         bar = _progress(loader, progress and main, f"epoch {epoch + 1}/{config.epochs}")
         opt.zero_grad(set_to_none=True)
+        if budget is not None:
+            budget.start()
+        n_steps = 0
         for step, batch in enumerate(bar):
             batch = {k: v.to(device) for k, v in batch.items()}
             x = model.preprocess(batch["image"])
@@ -291,7 +303,13 @@ def train_segmenter(
                     f"the last good checkpoint is kept at {last_path}"
                 )
             scaler.scale(loss / config.grad_accum).backward()
+            n_steps = step + 1
             if (step + 1) % config.grad_accum == 0:
+                opt_step = epoch * config.steps_per_epoch + (step + 1) // config.grad_accum - 1
+                if budget is not None:  # the schedule follows the budget (set before the step it applies to)
+                    f = budget.lr_factor(opt_step, config.schedule, config.gamma, config.steps_per_epoch)
+                    for group, base_lr in zip(opt.param_groups, sched.base_lrs, strict=True):
+                        group["lr"] = base_lr * f
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
@@ -300,19 +318,27 @@ def train_segmenter(
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            if budget is not None and (step + 1) % config.grad_accum == 0:
+                budget.tick(opt_step + 1)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")
-        sched.step()
-        n_steps = max(1, len(loader))
+                extra = {} if budget is None else {"cpu_budget": f"{min(1, budget.used / budget.seconds):.0%}"}
+                bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", **extra)
+            if budget is not None and budget.exhausted:
+                break  # the budget is spent: this epoch ends early and is the last
+        if budget is None:
+            sched.step()
         row: dict = {
             "epoch": epoch + 1,
             "seconds": round(time.time() - t0, 1),
             "lr": opt.param_groups[1]["lr"],
         }
-        row.update({k: round(v / n_steps, 5) for k, v in sums.items()})
+        if budget is not None:
+            row.update({"steps": n_steps // config.grad_accum, "cpu_s": round(budget.used, 1)})
+        row.update({k: round(v / max(1, n_steps), 5) for k, v in sums.items()})
         eval_model = ema.module if ema is not None else model
         improved = False
-        if val and (epoch + 1) % config.val_every == 0 and main:
+        last_epoch = epoch + 1 == config.epochs or (budget is not None and budget.exhausted)
+        if val and main and ((epoch + 1) % config.val_every == 0 or (budget is not None and last_epoch)):
             metrics = validate(eval_model, val, device, mpp=config.model.mpp)
             row.update({f"val_{k}": round(v, 5) for k, v in metrics.items()})
             score = metrics.get(config.early_stopping_metric, -math.inf)
@@ -342,6 +368,7 @@ def train_segmenter(
                 "best_metric": best,
                 "bad_epochs": bad_epochs,
                 "history": history,
+                "budget": None if budget is None else budget.state_dict(),
                 "config": json.loads(config.model_dump_json()),
             }
             _atomic_torch_save(ck, last_path)
@@ -361,7 +388,7 @@ def train_segmenter(
         out_dir=out_dir,
         best_weights=best_path if best_path.is_file() else None,
         last_checkpoint=last_path,
-        epochs_run=epoch + 1,
+        epochs_run=history[-1]["epoch"] if history else start_epoch,
         best_metric=best,
         history=history,
         stopped_early=stopped_early,
