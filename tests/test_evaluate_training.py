@@ -121,11 +121,14 @@ def test_training_without_nuclei_is_an_error(tmp_path: Path) -> None:
 @needs_data
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
-    """The training loop under torchrun with 2 CPU processes (gloo): both ranks step, rank 0 writes once."""
+    """The training loop under torchrun with 2 CPU processes (gloo): both ranks step, rank 0 writes once.
+
+    With a CPU budget (and each rank measuring its own time) the ranks still stop at the same step.
+    """
     import subprocess
     import sys
 
-    cfg = _config(tmp_path, "ddp", epochs=1)
+    cfg = _config(tmp_path, "ddp", epochs=2000, cpu_budget_minutes=0.05, val_every=100)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     script = tmp_path / "run.py"
     script.write_text(
@@ -136,7 +139,8 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
         "cfg = TrainConfig.model_validate_json(open(sys.argv[1]).read())\n"
         "r = loop.train_segmenter(cfg, progress=False)\n"
         "import torch.distributed as dist\n"
-        "out = f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} EPOCHS {r.epochs_run}'\n"
+        "steps = sum(row['steps'] for row in r.history)\n"
+        "out = f'RANK {dist.get_rank()} WORLD {dist.get_world_size()} EPOCHS {r.epochs_run} STEPS {steps}'\n"
         "open(sys.argv[1] + f'.rank{dist.get_rank()}', 'w').write(out)\n"
     )
     proc = subprocess.run(
@@ -147,7 +151,13 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     # one file per process: printed lines of two processes can interleave
     ranks = [(tmp_path / f"cfg.json.rank{r}").read_text() for r in (0, 1)]
-    assert ranks == ["RANK 0 WORLD 2 EPOCHS 1", "RANK 1 WORLD 2 EPOCHS 1"]
+    r0, r1 = ranks
+    assert r0.startswith("RANK 0 WORLD 2") and r1.startswith("RANK 1 WORLD 2")
+    assert r0.split("EPOCHS")[1] == r1.split("EPOCHS")[1]  # same epochs and steps on both ranks
+    epochs, steps = int(r0.split()[5]), int(r0.split()[7])
+    assert 1 < epochs < 2000 and steps > 2  # the 3-CPU-second budget ended the run, not the epoch cap
+    history = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["history"]
+    assert history[-1]["cpu_s"] >= 3.0
     assert (tmp_path / "ddp" / "last.pt").is_file() and (tmp_path / "ddp" / "metrics.csv").is_file()
 
 
