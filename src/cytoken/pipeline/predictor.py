@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cytoken.models.device import resolve_device
+from cytoken.models.inference import inference_copy
 from cytoken.models.segmenter import CellSegmenter
 
 __all__ = ["Predictor", "TileOutput", "resolve_device"]
@@ -34,18 +35,25 @@ class Predictor:
     """Runs a segmenter on batches of uint8 RGB tiles.
 
     Args:
-        model: the segmenter (put in eval mode here).
+        model: the segmenter. With ``fast`` the predictor runs an inference copy of it (eval mode, batch norms folded
+            into their convolutions, channels-last layout, see :mod:`cytoken.models.inference`) that shares every
+            tensor it does not change, and ``model`` itself is left as it was; without, ``model`` is put in eval
+            mode and run as it is.
         device: torch device name.
         amp: autocast (bfloat16 on CPU, float16 on CUDA).
         tta: test-time augmentation: the model also sees each batch flipped left-right, top-bottom and both; the
             four predictions are flipped back (the horizontal/vertical distance maps change sign along a flipped
             axis) and averaged. Four forward passes per batch; the token grid (cell embeddings) comes from the
             unflipped pass only, so embeddings are the same with or without it.
+        fast: fold batch norms and use channels-last (about 10 % faster on CPU; outputs agree to float rounding).
     """
 
-    def __init__(self, model: CellSegmenter, device: str = "cpu", *, amp: bool = False, tta: bool = False) -> None:
+    def __init__(
+        self, model: CellSegmenter, device: str = "cpu", *, amp: bool = False, tta: bool = False, fast: bool = True
+    ) -> None:
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        model = model.to(self.device)
+        self.model: CellSegmenter = inference_copy(model) if fast else model.eval()  # type: ignore[assignment]
         self.amp = amp
         self.tta = tta
 
