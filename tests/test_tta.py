@@ -70,3 +70,12 @@ def test_run_json_says_whether_tta_was_used(tiny_model: Path, tmp_path: Path, fl
     assert main(["segment", str(tmp_path / "b.png"), "--model", str(tiny_model), "--mpp", "0.25", *flag,
                  "--out", str(tmp_path / "o")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "o" / "b" / "run.json").read_text())["tta"] is bool(flag)
+
+
+def test_segment_config_tta_with_a_predictor_built_without_it_is_refused() -> None:
+    from cytoken.pipeline.image import SegmentConfig, segment_image
+    from cytoken.types import CytokenError
+
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    with pytest.raises(CytokenError, match=r"SegmentConfig\.tta is set but the given Predictor"):
+        segment_image(image, Predictor(Equivariant()), 0.25, config=SegmentConfig(tta=True))

@@ -67,6 +67,9 @@ class SegmentConfig:
         intensity: multi-channel models only: how raw intensities become [0, 1]: ``dtype`` (default; integer
             value / dtype maximum, floats unchanged) or ``percentile`` (per channel, the image's 0.5-99.5
             percentile range, clipped). Use the rule the model was trained with.
+
+    ``device``, ``amp`` and ``tta`` say how a model is run; when a ready-made ``Predictor`` is passed instead of a
+    model, its own settings apply, and asking for ``amp`` or ``tta`` that it was not built with is an error.
     """
 
     batch_size: int = 8
@@ -480,6 +483,12 @@ def _segment(
     mpp = validate_mpp(mpp, source="mpp")
     if isinstance(model, Predictor):
         predictor = model
+        for name in ("tta", "amp"):
+            if getattr(config, name) and not getattr(predictor, name):
+                raise CytokenError(
+                    f"SegmentConfig.{name} is set but the given Predictor was built without it: use "
+                    f"Predictor(model, {name}=True), or pass the model and let segment_image build the predictor"
+                )
     else:
         predictor = Predictor(model, config.device, amp=config.amp, tta=config.tta)
     seg = predictor.model
