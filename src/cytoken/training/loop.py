@@ -337,8 +337,8 @@ def train_segmenter(
         row.update({k: round(v / max(1, n_steps), 5) for k, v in sums.items()})
         eval_model = ema.module if ema is not None else model
         improved = False
-        last_epoch = epoch + 1 == config.epochs or (budget is not None and budget.exhausted)
-        if val and main and ((epoch + 1) % config.val_every == 0 or (budget is not None and last_epoch)):
+        budget_spent = budget is not None and budget.exhausted  # a budget run validates after its last step
+        if val and main and ((epoch + 1) % config.val_every == 0 or budget_spent):
             metrics = validate(eval_model, val, device, mpp=config.model.mpp)
             row.update({f"val_{k}": round(v, 5) for k, v in metrics.items()})
             score = metrics.get(config.early_stopping_metric, -math.inf)
