@@ -18,16 +18,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from _heldout import heldout_monuseg, score_images
 from cytoken.io.datasets import open_dataset
-from cytoken.metrics import detection_radius, detection_scores, instance_centroids, instance_scores
 from cytoken.models.store import load_model
 from cytoken.pipeline.evaluate import EvaluateConfig, evaluate
-from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
+from cytoken.pipeline.image import SegmentConfig
 from cytoken.pipeline.predictor import Predictor
-from cytoken.training.data import split_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -37,28 +35,7 @@ KEYS = ("bpq", "dice", "det_precision", "det_recall", "det_f1")
 
 def validation(model: torch.nn.Module, tta: bool) -> dict:
     """Scores on the held-out MoNuSeg training images, and the CPU seconds spent."""
-    ds = open_dataset("monuseg", SHARED / "monuseg", split="train")
-    _, val = split_groups(ds.groups, 0.15, 0)
-    predictor = Predictor(model, tta=tta)
-    pqs, dices, tp, fp, fn = [], [], 0, 0, 0
-    cpu = time.process_time()
-    for i in val:
-        s = ds[i]
-        cells, labels = segment_image_with_labels(s.image, predictor, 0.25, config=SegmentConfig(embeddings="none"))
-        sc = instance_scores(s.inst_map, labels)
-        pqs.append(sc.pq.pq)
-        dices.append(sc.dice)
-        d = detection_scores(instance_centroids(s.inst_map)[1], cells.centroids, detection_radius(0.25))
-        tp, fp, fn = tp + d.tp, fp + d.fp, fn + d.fn
-    return {
-        "images": [ds[i].source_id for i in val],
-        "bpq": float(np.mean(pqs)),
-        "dice": float(np.mean(dices)),
-        "det_precision": tp / max(1, tp + fp),
-        "det_recall": tp / max(1, tp + fn),
-        "det_f1": 2 * tp / max(1, 2 * tp + fp + fn),
-        "cpu_s": time.process_time() - cpu,
-    }
+    return score_images(heldout_monuseg(SHARED), Predictor(model, tta=tta))
 
 
 def test(model: torch.nn.Module, tta: bool) -> dict:

@@ -22,13 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cytoken.io.datasets import open_dataset
-from cytoken.metrics import detection_radius, detection_scores, instance_centroids, instance_scores
+from _heldout import heldout_monuseg, score_images
 from cytoken.models.store import load_model
-from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
 from cytoken.pipeline.predictor import Predictor
 from cytoken.postprocess import HoverConfig
-from cytoken.training.data import split_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -73,26 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"no MoNuSeg data under {root}; nothing to tune")
         return 0
-    ds = open_dataset("monuseg", root, split="train")
-    _, val = split_groups(ds.groups, 0.15, 0)
-    samples = [ds[i] for i in val]
+    samples = heldout_monuseg(SHARED)
     model, info = load_model(args.model)
     predictor = CachedPredictor(model)
     rows = []
     t0 = time.time()
     for name, cfg in grid().items():
-        pqs, dices, tp, fp, fn = [], [], 0, 0, 0
-        for s in samples:
-            config = SegmentConfig(hover=cfg, embeddings="none")
-            cells, labels = segment_image_with_labels(s.image, predictor, 0.25, config=config)
-            sc = instance_scores(s.inst_map, labels)
-            pqs.append(sc.pq.pq)
-            dices.append(sc.dice)
-            d = detection_scores(instance_centroids(s.inst_map)[1], cells.centroids, detection_radius(0.25))
-            tp, fp, fn = tp + d.tp, fp + d.fp, fn + d.fn
-        row = {"name": name, "bpq": float(np.mean(pqs)), "dice": float(np.mean(dices)),
-               "det_f1": 2 * tp / max(1, 2 * tp + fp + fn), "precision": tp / max(1, tp + fp),
-               "recall": tp / max(1, tp + fn), "config": asdict(cfg)}  # fmt: skip
+        sc = score_images(samples, predictor, cfg)
+        row = {"name": name, "bpq": sc["bpq"], "dice": sc["dice"], "det_f1": sc["det_f1"],
+               "precision": sc["det_precision"], "recall": sc["det_recall"], "config": asdict(cfg)}  # fmt: skip
         rows.append(row)
         print(f"{name}: bPQ {row['bpq']:.4f} Dice {row['dice']:.4f} F1 {row['det_f1']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)  # fmt: skip
