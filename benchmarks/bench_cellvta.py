@@ -15,9 +15,10 @@ seed) except:
   out 1.33x apart: ``results/cellvta_calibrated.md``);
 - validation runs once, after the last step (held-out MoNuSeg and CoNSeP training tiles, as the config says).
 
-Then both final EMA weights are scored on the 14 MoNuSeg **test** images with ``cytoken evaluate`` and the same
-post-processing (the default model's stored CellViT++ recipe), so only the adapter differs. The test split is used for
-this report only, never for a choice.
+Then both final EMA weights are scored with the same post-processing (the default model's stored CellViT++ recipe),
+so only the adapter differs: on the 4 held-out MoNuSeg *training* images (whole images, the split the default
+model's post-processing was tuned on) and on the 14 MoNuSeg **test** images with ``cytoken evaluate``. The test
+split is used for this report only, never for a choice.
 
 Usage (repository root; both arms at once take the two cores for about ``--minutes`` wall minutes):
     python benchmarks/bench_cellvta.py [--minutes 70] [--work runs/bench_cellvta]
@@ -122,6 +123,19 @@ def evaluate_arm(weights: Path, hover_file: Path, out: Path, limit: int | None) 
     return json.loads(out.read_text())
 
 
+def validate_arm(weights: Path, hover: dict) -> dict:
+    """Scores on the held-out MoNuSeg training images (whole images, 2 threads)."""
+    import torch
+
+    from _heldout import heldout_monuseg, score_images
+    from cytoken.models.store import load_segmenter
+    from cytoken.pipeline.predictor import Predictor
+    from cytoken.postprocess import HoverConfig
+
+    torch.set_num_threads(2)
+    return score_images(heldout_monuseg(SHARED), Predictor(load_segmenter(weights)), HoverConfig(**hover))
+
+
 def _md(doc: dict) -> str:
     rows = []
     keys = ("bpq", "dice", "aji", "det_precision", "det_recall", "det_f1")
@@ -131,6 +145,8 @@ def _md(doc: dict) -> str:
         rows.append(
             f"| {arm} | {r['params'] / 1e6:.2f} M | {r['steps']} | {r['budget_cpu_s'] / r['steps']:.2f} | "
             f"{r['budget_cpu_s'] / 60:.1f} | {r['cpu_s'] / 60:.1f} | {v.get('val_bpq', float('nan')):.3f} | "
+            + " | ".join(f"{doc['heldout'][arm][k]:.3f}" for k in ("bpq", "dice", "det_f1"))
+            + " | "
             + " | ".join(f"{t.get(k, float('nan')):.3f}" for k in keys)
             + " |"
         )
@@ -142,13 +158,15 @@ def _md(doc: dict) -> str:
             f"{doc['budget_cpu_min']:g} CPU-minutes of optimiser steps (`TrainConfig.cpu_budget_minutes`: the run "
             "stops when it is spent and the cosine schedule spans it; \"process CPU min\" adds data set-up, the final "
             "validation and checkpoint writing). Data: MoNuSeg train + CoNSeP patch copy train "
-            "(`configs/default_model.yaml`); validation = its held-out training tiles; test = "
+            "(`configs/default_model.yaml`); \"val crops\" = the training loop's validation on its held-out "
+            "training tiles (256² crops); \"held-out\" = the 4 held-out MoNuSeg training images, whole; test = "
             f"{doc['test_images']} MoNuSeg test images (`cytoken evaluate`, same post-processing for both: the "
             "default model's stored CellViT++ recipe).",
             "",
-            "| arm | params | steps | CPU s/step | budget CPU min | process CPU min | val bPQ | test bPQ | Dice | AJI "
-            "| det P | det R | det F1 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | params | steps | CPU s/step | budget CPU min | process CPU min | val crops bPQ "
+            "| held-out bPQ | held-out Dice | held-out det F1 "
+            "| test bPQ | test Dice | test AJI | test det P | test det R | test det F1 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             doc["verdict"],
@@ -166,12 +184,18 @@ def _md(doc: dict) -> str:
 def _verdict(doc: dict) -> str:
     p, a = doc["test"]["plain"], doc["test"]["adapter"]
     tp, ta = doc["train"]["plain"], doc["train"]["adapter"]
+    hp, ha = doc["heldout"]["plain"], doc["heldout"]["adapter"]
     return (
         f"At equal CPU time ({ta['budget_cpu_s'] / 60:.1f} vs {tp['budget_cpu_s'] / 60:.1f} CPU-minutes of steps) "
         f"the adapter arm made {ta['steps']} optimiser steps against {tp['steps']} for the plain arm "
         f"({ta['budget_cpu_s'] / ta['steps'] / (tp['budget_cpu_s'] / tp['steps']):.2f}x the CPU per step). Its "
         f"MoNuSeg test bPQ is {a['bpq'] - p['bpq']:+.3f}, Dice {a['dice'] - p['dice']:+.3f} and detection F1 "
-        f"{a['det_f1'] - p['det_f1']:+.3f} relative to the plain arm."
+        f"{a['det_f1'] - p['det_f1']:+.3f} relative to the plain arm (detection precision "
+        f"{a['det_precision']:.2f} vs {p['det_precision']:.2f}, recall {a['det_recall']:.2f} vs "
+        f"{p['det_recall']:.2f}); on the held-out MoNuSeg training images, bPQ {ha['bpq'] - hp['bpq']:+.3f}, Dice "
+        f"{ha['dice'] - hp['dice']:+.3f} "
+        f"and detection F1 {ha['det_f1'] - hp['det_f1']:+.3f} (precision {ha['det_precision']:.2f} vs "
+        f"{hp['det_precision']:.2f}, recall {ha['det_recall']:.2f} vs {hp['det_recall']:.2f})."
     )
 
 
@@ -217,12 +241,14 @@ def main() -> None:
         a: evaluate_arm(work / f"train_{a}" / "final.safetensors", hover_file, work / f"test_{a}.json", limit)
         for a in ARMS
     }
+    heldout = {a: validate_arm(work / f"train_{a}" / "final.safetensors", default.config.postprocess) for a in ARMS}
     doc = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "budget_cpu_min": minutes,
         "adapter": ADAPTER,
         "postprocess": default.config.postprocess,
         "train": train,
+        "heldout": heldout,
         "test": {a: {k: v for k, v in t.items() if not isinstance(v, (dict, list))} for a, t in test.items()},
         "test_images": limit or 14,
     }
