@@ -7,8 +7,9 @@ convolutions prefer. On the default model (2 CPU threads, 8 × 256² tiles) the 
 (median of 15 interleaved repeats, ``benchmarks/bench_segment_speed.py``), and outputs agree to within 2e-6.
 
 The copy shares every tensor it does not change with the original (the large linear weights of a ViT are not
-duplicated), and the original model is left as it was, so a model can go on training after a ``Predictor`` was made
-from it.
+duplicated), and the original model is left as it was. Because of the sharing, a copy is a snapshot only of the
+convolutions: after the original's weights change (more training, loading other weights), make a new copy (a new
+``Predictor``) rather than reusing the old one.
 """
 
 from __future__ import annotations

@@ -45,7 +45,9 @@ class Predictor:
             four predictions are flipped back (the horizontal/vertical distance maps change sign along a flipped
             axis) and averaged. Four forward passes per batch; the token grid (cell embeddings) comes from the
             unflipped pass only, so embeddings are the same with or without it.
-        fast: fold batch norms and use channels-last (about 10 % faster on CPU; outputs agree to float rounding).
+        fast: fold batch norms and use channels-last (1.085x the forward speed of the default model on 2 CPU threads;
+            outputs agree to float rounding). The copy is made here: build a new ``Predictor`` after changing the
+            model's weights.
     """
 
     def __init__(
