@@ -77,5 +77,18 @@ def test_segment_config_tta_with_a_predictor_built_without_it_is_refused() -> No
     from cytoken.types import CytokenError
 
     image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
-    with pytest.raises(CytokenError, match=r"SegmentConfig\.tta is set but the given Predictor"):
+    with pytest.raises(CytokenError, match=r"tta is asked for but the given Predictor was built without it"):
         segment_image(image, Predictor(Equivariant()), 0.25, config=SegmentConfig(tta=True))
+
+
+def test_segment_slide_tta_with_a_predictor_built_without_it_is_refused(tmp_path: Path) -> None:
+    from cytoken.pipeline.image import SegmentConfig
+    from cytoken.pipeline.slide import SlideConfig, segment_slide
+    from cytoken.types import CytokenError
+    from cytoken.weights import ModelInfo
+
+    info = ModelInfo(name="eq", sha256="0", source="test", licence="test")
+    config = SlideConfig(segment=SegmentConfig(tta=True))
+    with pytest.raises(CytokenError, match=r"tta is asked for but the given Predictor was built without it"):
+        segment_slide(tmp_path / "any.svs", tmp_path / "out", Predictor(Equivariant()), info, config, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -483,12 +483,7 @@ def _segment(
     mpp = validate_mpp(mpp, source="mpp")
     if isinstance(model, Predictor):
         predictor = model
-        for name in ("tta", "amp"):
-            if getattr(config, name) and not getattr(predictor, name):
-                raise CytokenError(
-                    f"SegmentConfig.{name} is set but the given Predictor was built without it: use "
-                    f"Predictor(model, {name}=True), or pass the model and let segment_image build the predictor"
-                )
+        predictor.require(tta=config.tta, amp=config.amp)
     else:
         predictor = Predictor(model, config.device, amp=config.amp, tta=config.tta)
     seg = predictor.model

@@ -10,6 +10,7 @@ import torch
 from cytoken.models.device import resolve_device
 from cytoken.models.inference import inference_copy
 from cytoken.models.segmenter import CellSegmenter
+from cytoken.types import CytokenError
 
 __all__ = ["Predictor", "TileOutput", "resolve_device"]
 
@@ -58,6 +59,15 @@ class Predictor:
         self.model: CellSegmenter = inference_copy(model) if fast else model.eval()  # type: ignore[assignment]
         self.amp = amp
         self.tta = tta
+
+    def require(self, *, tta: bool = False, amp: bool = False) -> None:
+        """Raise ``CytokenError`` if a run asks for ``tta`` or ``amp`` that this predictor was not built with."""
+        for name, wanted in (("tta", tta), ("amp", amp)):
+            if wanted and not getattr(self, name):
+                raise CytokenError(
+                    f"{name} is asked for but the given Predictor was built without it: use "
+                    f"Predictor(model, {name}=True), or pass the model and let cytoken build the predictor"
+                )
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> list[TileOutput]:

@@ -167,6 +167,7 @@ def segment_slide(
             output, or a finished run's partial folder that does not match (on ``resume``).
     """
     config = config or SlideConfig()
+    predictor.require(tta=config.segment.tta, amp=config.segment.amp)
     t0 = time.time()
     path = Path(path)
     out_dir = Path(out_dir)
