@@ -3,7 +3,7 @@
 Both are standard, exact-in-real-arithmetic rewrites for a model in eval mode: a ``BatchNorm2d`` after a ``Conv2d``
 is an affine map per channel, so it folds into the convolution's weight and bias
 (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`); and channels-last (NHWC) is the memory layout oneDNN's CPU
-convolutions prefer. On the default model (2 CPU threads, 8 × 256² tiles) the copy's forward pass is 1.085× as fast
+convolutions prefer. On the default model (2 CPU threads, 8 × 256² tiles) the copy's forward pass is 1.05–1.09× as fast
 (median of 15 interleaved repeats, ``benchmarks/bench_segment_speed.py``), and outputs agree to within 2e-6.
 
 The copy shares every tensor it does not change with the original (the large linear weights of a ViT are not
