@@ -230,3 +230,17 @@ def test_slide_segmented_around_labels_once(slide: dict[str, Path], tmp_path: Pa
     qupath_labels(slide["out"], far, lambda i: i == outside[0])  # a cell beyond the segmented region
     with pytest.raises(RuntimeError, match="the model ran"):  # so the region must grow: a new segmentation
         build_slide_embedding_set([slide["slide"]], [far], info, predictor=Predictor(model), **kw)
+
+
+@needs_shared
+def test_embedding_set_groups_overlapping_patches_by_source_tile() -> None:
+    """CoNSeP patch copy: patches of one source tile overlap, so they must share a split group (no leakage)."""
+    from cytoken.io.datasets import open_dataset
+    from cytoken.pipeline.classifier import build_embedding_set
+
+    ds = open_dataset("consep_patched", SHARED / "consep_patched", split="train")
+    assert len(set(ds.groups)) < len(ds)  # several patches per source tile
+    model, info = load_model("cytoken-default")
+    cells, _ = build_embedding_set(ds, Predictor(model), info, limit=3, progress=False)
+    assert len(cells.groups) and set(cells.groups.tolist()) <= set(ds.groups[:3])
+    assert set(cells.groups.tolist()).isdisjoint(ds.ids[:3])

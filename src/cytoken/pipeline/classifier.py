@@ -134,9 +134,10 @@ def build_embedding_set(
         progress: show a progress bar.
 
     Returns:
-        The labelled cells (embeddings, class index 0..C-1, image as group) and a match report per image plus
-        totals (``n_labels``, ``n_matched``, ``n_cells``, ``match_rate``, per-class label and match counts for
-        point labels, and the skipped-object counts of QuPath label files).
+        The labelled cells (embeddings, class index 0..C-1, and as group the dataset's group of the image — the
+        image itself unless the dataset knows more, e.g. the source tile of overlapping patches) and a match report
+        per image plus totals (``n_labels``, ``n_matched``, ``n_cells``, ``match_rate``, per-class label and match
+        counts for point labels, and the skipped-object counts of QuPath label files).
 
     Raises:
         CytokenError: no embeddings, no classes, an unreadable sample or label file, or no label matched.
@@ -155,6 +156,8 @@ def build_embedding_set(
 
         it = tqdm(it, desc=f"embeddings {dataset.name}/{dataset.split}", unit="img")
     label_report = getattr(dataset, "label_report", None)
+    # split groups: the dataset's own (e.g. the CoNSeP patch copy's overlapping patches group by source tile)
+    groups = list(getattr(dataset, "groups", None) or [])
     for i in it:
         try:
             s = dataset[i]
@@ -186,7 +189,7 @@ def build_embedding_set(
         keep = cls > 0
         xs.append(cells.embeddings[index[keep]].astype(np.float32))
         ys.append(cls[keep].astype(np.int64) - 1)
-        gs += [s.source_id] * int(keep.sum())
+        gs += [groups[i] if i < len(groups) else s.source_id] * int(keep.sum())
         extra = label_report(i) if callable(label_report) else {}
         per_image.append({"image": s.source_id, **{k: v for k, v in extra.items() if k != "n_labels"}, **rep})
     if not xs or not sum(len(x) for x in xs):
