@@ -31,7 +31,7 @@ def score_images(samples: list, predictor: Predictor, hover: HoverConfig | None 
     pqs, dices, tp, fp, fn = [], [], 0, 0, 0
     cpu = time.process_time()
     for s in samples:
-        config = SegmentConfig(embeddings="none", hover=hover, tta=predictor.tta)
+        config = SegmentConfig(embeddings="none", hover=hover, tta=predictor.tta, amp=predictor.amp)
         cells, labels = segment_image_with_labels(s.image, predictor, 0.25, config=config)
         sc = instance_scores(s.inst_map, labels)
         pqs.append(sc.pq.pq)

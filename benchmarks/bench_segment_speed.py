@@ -1,12 +1,17 @@
 """End-to-end segmentation speed of a model on 2 CPU threads, against the machine's own FLOP rate.
 
 Measures, in one process:
-- the machine's fp32 matmul rate (GFLOP/s, 2 threads, 2048² x 2048² torch.mm);
+- the machine's fp32 and bfloat16 matmul rates (GFLOP/s, 2 threads, 2048² x 2048² torch.mm), timed in the same
+  interleaved loop as the forward passes below (the median of the repeats), because this shared machine's rate moves
+  by 20 % from minute to minute;
 - the model's forward FLOPs per 256² tile (torch.utils.flop_counter);
-- forward-only throughput (tiles/s) -> achieved GFLOP/s and the fraction of the matmul rate, for the model as loaded
-  (``plain``) and for the inference copy the ``Predictor`` runs (``fast``: batch norms folded into the convolutions,
-  channels-last; ``cytoken.models.inference``), timed in interleaved repeats (median per batch) so that machine noise
-  hits both alike; the FLOPs are the plain model's for both (folding removes no matmul/conv work);
+- forward-only throughput (tiles/s) -> achieved GFLOP/s and the fraction of the matmul rate, timed in interleaved
+  repeats (median per batch) so that machine noise hits all variants alike; the FLOPs are the plain model's for all
+  (folding removes no matmul/conv work). Variants: ``plain`` (the model as loaded, one batch over both threads),
+  ``fast`` (the ``Predictor``'s inference copy, ``cytoken.models.inference``: batch norms folded, channels-last; one
+  stream), ``streams`` (the ``Predictor`` as cytoken runs it: the inference copy with the batch split into 2 streams
+  of 1 thread each) and ``amp`` (the same with bfloat16 autocast, ``--amp``, against the machine's bfloat16 matmul
+  rate). The ``Predictor`` variants include turning uint8 tiles into model input and the maps into numpy;
 - end to end on real images: read PNG, forward, HoVer post-processing, embeddings, writing all outputs
   (``cytoken.pipeline.run.segment_image_file``), in 256² tiles per second of wall time.
 
@@ -23,12 +28,13 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cytoken.models.inference import inference_copy
 from cytoken.models.store import load_model
 from cytoken.pipeline.image import SegmentConfig
 from cytoken.pipeline.predictor import Predictor
@@ -39,13 +45,18 @@ DATA = ROOT.parent / "shared" / "data" / "monuseg" / "test" / "images"
 OUT = ROOT / "benchmarks" / "results"
 
 
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+MATMUL_N = 2048
+
+
+def matmul(dtype: torch.dtype, reps: int = 5) -> Callable[[], None]:
+    """``reps`` products of two ``MATMUL_N``² matrices (``2 * MATMUL_N**3 * reps`` FLOPs)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype), torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return run
 
 
 def main() -> None:
@@ -58,27 +69,41 @@ def main() -> None:
     torch.set_num_threads(2)
     model, info = load_model(args.model)
     model.eval()
-    x = torch.randint(0, 255, (args.batch_size, 256, 256, 3), dtype=torch.uint8)
+    x_np = np.random.default_rng(0).integers(0, 256, (args.batch_size, 256, 256, 3), dtype=np.uint8)
+    x = torch.from_numpy(x_np)
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         model(model.preprocess(x[:1]))
     flops_tile = fc.get_total_flops()
-    peak = matmul_gflops()
-    variants = {"plain": model, "fast": inference_copy(model)}
+    fast, streams, amp = Predictor(model, streams=1), Predictor(model), Predictor(model, amp=True)
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model(model.preprocess(x))
+
+    variants: dict[str, Callable[[], object]] = {
+        "plain": plain,  # the model as loaded, one batch across both threads
+        "fast": lambda: fast(x_np),  # the inference copy, one stream
+        "streams": lambda: streams(x_np),  # the Predictor as cytoken runs it: inference copy, 2 streams
+        "amp": lambda: amp(x_np),  # the same with bfloat16 autocast (--amp)
+        "matmul_fp32": matmul(torch.float32),
+        "matmul_bf16": matmul(torch.bfloat16),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    with torch.inference_mode():
-        for m in variants.values():  # warm-up (oneDNN primitives for these shapes)
-            m(m.preprocess(x))
-        for _ in range(args.repeats):
-            for k, m in variants.items():
-                t = time.perf_counter()
-                m(m.preprocess(x))
-                times[k].append(time.perf_counter() - t)
-    per_tile = {k: statistics.median(v) / args.batch_size for k, v in times.items()}
-    fwd_s = per_tile["fast"]
-    achieved = flops_tile / fwd_s / 1e9
-    peak_after = matmul_gflops()
+    for fn in variants.values():  # warm-up (oneDNN primitives for these shapes, stream threads)
+        fn()
+    for _ in range(args.repeats):
+        for k, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    per_tile = {k: statistics.median(v) / args.batch_size for k, v in times.items() if not k.startswith("matmul")}
+    peak, peak_bf16 = (2 * MATMUL_N**3 * 5 / statistics.median(times[k]) / 1e9 for k in ("matmul_fp32", "matmul_bf16"))
+
+    def fraction(k: str, rate: float) -> float:
+        return round(flops_tile / per_tile[k] / 1e9 / rate, 3)
+
     images = sorted(DATA.glob("*.png"))[: args.images]
-    predictor = Predictor(model, "cpu")
+    predictor = streams
     cfg = SegmentConfig(batch_size=args.batch_size)
     tiles = 0
     cells = 0
@@ -90,19 +115,25 @@ def main() -> None:
             tiles += s["tiles"]
             cells += s["cells"]
         e2e = time.perf_counter() - t
-    peak_gflops = max(peak, peak_after)
+    fwd_s = per_tile["streams"]
     res = {
         "model": info.name,
         "model_sha256": info.sha256,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "matmul_gflops": round(peak_gflops, 1),
+        "matmul_gflops": round(peak, 1),
         "forward_gflop_per_tile": round(flops_tile / 1e9, 3),
         "forward_tiles_per_s": round(1 / fwd_s, 2),
-        "forward_gflops_achieved": round(achieved, 1),
-        "fraction_of_matmul_rate": round(achieved / peak_gflops, 3),
+        "forward_gflops_achieved": round(flops_tile / fwd_s / 1e9, 1),
+        "fraction_of_matmul_rate": fraction("streams", peak),
         "plain_forward_tiles_per_s": round(1 / per_tile["plain"], 2),
-        "plain_fraction_of_matmul_rate": round(flops_tile / per_tile["plain"] / 1e9 / peak_gflops, 3),
+        "plain_fraction_of_matmul_rate": fraction("plain", peak),
+        "fast_fraction_of_matmul_rate": fraction("fast", peak),
         "fast_over_plain_speed": round(per_tile["plain"] / per_tile["fast"], 3),
+        "streams_over_fast_speed": round(per_tile["fast"] / per_tile["streams"], 3),
+        "bf16_matmul_gflops": round(peak_bf16, 1),
+        "amp_forward_tiles_per_s": round(1 / per_tile["amp"], 2),
+        "amp_over_streams_speed": round(per_tile["streams"] / per_tile["amp"], 3),
+        "amp_fraction_of_bf16_matmul_rate": fraction("amp", peak_bf16),
         "forward_repeats": args.repeats,
         "end_to_end_images": len(images),
         "end_to_end_tiles": tiles,

@@ -45,6 +45,14 @@ def test_segment_writes_all_outputs(tmp_path: Path, image: Path, tiny_model: Pat
     assert gj["type"] == "FeatureCollection"
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["sha256"] and run["mpp"] == 0.25
+    assert run["amp"] is False
+
+
+def test_segment_amp_flag_reaches_the_predictor(tmp_path: Path, image: Path, tiny_model: Path) -> None:
+    assert main(["segment", str(image), "--mpp", "0.25", "--out", str(tmp_path / "o"), "--model", str(tiny_model),
+                 "--amp", "--quiet"]) == 0  # fmt: skip
+    run = json.loads((tmp_path / "o" / "img" / "run.json").read_text())
+    assert run["amp"] is True
 
 
 @pytest.mark.parametrize(

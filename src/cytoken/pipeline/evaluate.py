@@ -190,6 +190,7 @@ def evaluate(
     out["model"] = model_id or {"predictions": str(config.predictions)}
     if predictor is not None:
         out["tta"] = bool(getattr(predictor, "tta", False))
+        out["amp"] = bool(getattr(predictor, "amp", False))
     out["data"] = {"dataset": dataset.name, "root": str(dataset.root), "split": dataset.split}
     out["conventions"] = CONVENTIONS
     return out

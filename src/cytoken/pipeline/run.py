@@ -34,6 +34,7 @@ def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Pred
         "batch_size": config.batch_size,
         "device": str(predictor.device),
         "tta": bool(getattr(predictor, "tta", False)),
+        "amp": bool(getattr(predictor, "amp", False)),
         "embeddings": config.embeddings,
         "class_names": list(mc.names) if mc.num_classes else [],
         "postprocess": asdict(config.hover or model_hover_config(mc) or HoverConfig()),
