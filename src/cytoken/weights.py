@@ -35,11 +35,17 @@ class ModelEntry:
     card: str = ""
     version: str = ""
     postprocess: str = ""
+    classifier: str | None = None
 
     @property
     def path(self) -> Path | None:
         """Local path of the embedded weights, or None."""
         return None if self.file is None else zoo_dir() / self.file
+
+    @property
+    def classifier_path(self) -> Path | None:
+        """Folder of the model's default cell classifier bundle (applied to its embeddings), or None."""
+        return None if self.classifier is None else zoo_dir() / self.classifier
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class ModelInfo:
     sha256: str
     source: str
     licence: str = "unknown"
+    classifier: str | None = None  # folder of the model's default classifier bundle (embedded models only)
 
 
 def zoo_dir() -> Path:
@@ -77,9 +84,7 @@ def get_entry(name: str) -> ModelEntry:
     """The manifest entry called ``name``; an unknown name lists the known ones."""
     entries = {e.name: e for e in list_models()}
     if name not in entries:
-        raise KeyError(
-            f"unknown model {name!r}; known models: {', '.join(sorted(entries))} (or pass a weights file)"
-        )
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(entries))} (or pass a weights file)")
     return entries[name]
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from cytoken.types import CytokenError, validate_mpp
+from cytoken.weights import ModelInfo
 
 
 def mpp_arg(text: str) -> float:
@@ -48,3 +51,25 @@ def hover_config_arg(path: str | None):
         return HoverConfig.from_file(path)
     except ValueError as exc:
         raise CytokenError(str(exc)) from None
+
+
+def cell_classifier(choice: str | None, info: ModelInfo, model: Any, *, embeddings: str = "mask") -> Any:
+    """The classifier bundle a run applies: ``--classifier`` if given, else the model's default (if any).
+
+    ``"none"`` (or a model without a default) gives ``None``: classes come from the model's type head. A default
+    classifier is skipped when the run makes no embeddings; an explicitly given one is then an error.
+    """
+    if choice is not None and choice.lower() == "none":
+        return None
+    path = choice or info.classifier
+    if path is None:
+        return None
+    if embeddings == "none":
+        if choice is None:
+            return None
+        raise CytokenError("--classifier needs embeddings; drop --embeddings none")
+    from cytoken.classify import check_compatible, load_bundle
+
+    bundle = load_bundle(Path(path))
+    check_compatible(bundle, info.sha256, model.encoder.spec.embed_dim)
+    return bundle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cytoken.cli._common import hover_config_arg, load_model_or_fail, mpp_arg, positive_int
+from cytoken.cli._common import cell_classifier, hover_config_arg, load_model_or_fail, mpp_arg, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +47,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="bfloat16 autocast on CPU (float16 on CUDA): about 2.4x the forward speed on CPUs with AVX-512-BF16/AMX, "
         "slightly different maps (see benchmarks/results/inference_options.md)",
     )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        metavar="BUNDLE|none",
+        help="classifier bundle that assigns the cell classes from the cells' embeddings (default: the model's own "
+        "default classifier when it ships one; 'none': the model's type head). Used on datasets with classes",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -70,20 +77,24 @@ def run(args: argparse.Namespace) -> int:
         raise CytokenError(str(exc)) from None
     predictor = None
     model_id = None
+    classifier = None
     if args.predictions is None:
         model, info = load_model_or_fail(args.model)
         predictor = Predictor(model, args.device, tta=args.tta, amp=args.amp)
         model_id = {"name": info.name, "sha256": info.sha256, "source": info.source}
+        if ds.class_names:  # classes are scored: they come from the classifier when there is one
+            classifier = cell_classifier(args.classifier, info, model)
     seg = SegmentConfig(
         batch_size=args.batch_size,
         device=args.device,
         tta=args.tta,
         amp=args.amp,
         hover=hover_config_arg(args.hover_config),
+        embeddings="none" if classifier is None else "mask",
     )
     cfg = EvaluateConfig(mpp=args.mpp, save_predictions=args.save_predictions, predictions=args.predictions,
                          limit=args.limit, segment=seg)  # fmt: skip
-    metrics = evaluate(ds, predictor, cfg, model_id=model_id, progress=not args.quiet)
+    metrics = evaluate(ds, predictor, cfg, model_id=model_id, classifier=classifier, progress=not args.quiet)
     write_metrics(metrics, args.out)
     keys = (
         "bpq",
@@ -98,12 +109,13 @@ def run(args: argparse.Namespace) -> int:
         "det_precision",
         "det_recall",
     )
-    print(f"{'metric':<14}value")
+    width = 2 + max([len("aji_plus"), *(len("F1 " + n) for n in (metrics.get("type_f1") or {}))])
+    print(f"{'metric':<{width}}value")
     for k in keys:
         v = metrics.get(k)
         if v is not None:
-            print(f"{k:<14}{v:.4f}")
+            print(f"{k:<{width}}{v:.4f}")
     for name, f in (metrics.get("type_f1") or {}).items():
-        print(f"{'F1 ' + name:<14}{f:.4f}")
+        print(f"{'F1 ' + name:<{width}}{f:.4f}")
     print(f"images {metrics['n_images']}, true {metrics['n_true']}, predicted {metrics['n_pred']} -> {args.out}")
     return 0

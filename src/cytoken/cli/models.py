@@ -29,6 +29,9 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{e.name}  [{have}]  {e.mpp} µm/px  classes: {classes}")
         print(f"    {e.description}")
         print(f"    licence: {e.licence}")
+        if e.classifier_path is not None:
+            state = "embedded" if (e.classifier_path / "weights.safetensors").is_file() else "not installed"
+            print(f"    default cell classifier: {e.classifier} [{state}] (--classifier none: type head)")
         if e.metrics:
             print("    metrics: " + ", ".join(f"{k} {v}" for k, v in e.metrics.items()))
     return 0

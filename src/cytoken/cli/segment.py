@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cytoken.cli._common import hover_config_arg, load_model_or_fail, mpp_arg, positive_int
+from cytoken.cli._common import cell_classifier, hover_config_arg, load_model_or_fail, mpp_arg, positive_int
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".qptiff", ".tiff", ".tif"}
 IMAGE_TIFF_MAX_PIXELS = 8192 * 8192  # TIFFs up to this size go through the image path, larger ones are slides
@@ -51,9 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--classifier",
-        type=Path,
         default=None,
-        help="classifier bundle applied to the cells' embeddings in the same run",
+        metavar="BUNDLE|none",
+        help="classifier bundle applied to the cells' embeddings in the same run (default: the model's own default "
+        "classifier when it ships one, as cytoken-default does; 'none': the model's type head)",
     )
     p.add_argument(
         "--channels",
@@ -129,14 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.channels or args.intensity != "dtype") and not multichannel:
         raise CytokenError("--channels and --intensity are for models with multi-channel inputs; this model reads RGB")
     predictor = Predictor(model, config.device, amp=config.amp, tta=config.tta)
-    bundle = None
-    if args.classifier is not None:
-        from cytoken.classify import check_compatible, load_bundle
-
-        if args.embeddings == "none":
-            raise CytokenError("--classifier needs embeddings; drop --embeddings none")
-        bundle = load_bundle(args.classifier)
-        check_compatible(bundle, info.sha256, model.encoder.spec.embed_dim)
+    bundle = cell_classifier(args.classifier, info, model, embeddings=args.embeddings)
     bar = tqdm(args.inputs, desc="inputs", unit="file", disable=args.quiet or len(args.inputs) < 2)
     for path in bar:
         if args.slide or _is_slide(path, multichannel):

@@ -24,9 +24,7 @@ class UntrainedModelWarning(UserWarning):
     """The model in use has random weights: its results mean nothing."""
 
 
-def save_segmenter(
-    model: CellSegmenter, path: str | Path, *, half: bool = False, meta: dict | None = None
-) -> Path:
+def save_segmenter(model: CellSegmenter, path: str | Path, *, half: bool = False, meta: dict | None = None) -> Path:
     """Write weights + config to one ``.safetensors`` file, atomically.
 
     Args:
@@ -116,7 +114,7 @@ def load_model(name_or_path: str | Path) -> tuple[CellSegmenter, ModelInfo]:
         )
     sha = file_sha256(entry.path)
     if entry.sha256 and sha != entry.sha256:
-        raise CytokenError(
-            f"embedded weights {entry.path} are corrupt: sha256 {sha} != manifest {entry.sha256}"
-        )
-    return model.eval(), ModelInfo(name=entry.name, sha256=sha, source=str(entry.path), licence=entry.licence)
+        raise CytokenError(f"embedded weights {entry.path} are corrupt: sha256 {sha} != manifest {entry.sha256}")
+    classifier = None if entry.classifier_path is None else str(entry.classifier_path)
+    info = ModelInfo(name=entry.name, sha256=sha, source=str(entry.path), licence=entry.licence, classifier=classifier)
+    return model.eval(), info

@@ -27,6 +27,7 @@ from cytoken.metrics import (
     instance_scores,
     pannuke_mpq,
 )
+from cytoken.pipeline.classifier import relabel
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
 from cytoken.pipeline.predictor import Predictor
 from cytoken.types import CytokenError
@@ -79,9 +80,16 @@ def evaluate(
     config: EvaluateConfig,
     *,
     model_id: dict[str, Any] | None = None,
+    classifier: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score a model (or saved predictions) on every image of ``dataset``; returns the ``metrics.json`` dict."""
+    """Score a model (or saved predictions) on every image of ``dataset``; returns the ``metrics.json`` dict.
+
+    ``classifier`` (a :class:`~cytoken.classify.ClassifierBundle`) assigns the predicted cells' classes from their
+    embeddings instead of the model's type head (``config.segment.embeddings`` must not be ``"none"``).
+    """
+    if classifier is not None and config.segment.embeddings == "none":
+        raise CytokenError("evaluate: a classifier needs embeddings (SegmentConfig.embeddings 'mask' or 'bbox')")
     if predictor is None and config.predictions is None:
         raise CytokenError("evaluate needs a model or --predictions DIR")
     if config.save_predictions is not None:
@@ -93,6 +101,8 @@ def evaluate(
     if predictor is not None:
         mc = predictor.model.config  # type: ignore[attr-defined]
         model_names = tuple(mc.names) if mc.num_classes else ()
+        if classifier is not None:
+            model_names = tuple(classifier.class_names)
     ds_names = dataset.class_names
     # class ids compared by name (dataset id -> model id); only classes present in both are scored
     shared = [(i + 1, model_names.index(nm) + 1) for i, nm in enumerate(ds_names) if nm in model_names]
@@ -126,6 +136,8 @@ def evaluate(
             pred_cls = np.zeros(len(pred_ids), np.int64)
         else:
             cells, pred = segment_image_with_labels(s.image, predictor, mpp, config=config.segment, progress=False)  # type: ignore[arg-type]
+            if classifier is not None:
+                cells = relabel(cells, classifier)
             pred_ids, pred_pts = cells.ids, cells.centroids
             lut_m2d = {m: d for d, m in shared}
             pred_cls = np.array([lut_m2d.get(int(c), 0) for c in cells.class_ids], np.int64)
@@ -191,6 +203,7 @@ def evaluate(
     if predictor is not None:
         out["tta"] = bool(getattr(predictor, "tta", False))
         out["amp"] = bool(getattr(predictor, "amp", False))
+        out["classifier"] = None if classifier is None else str(classifier.path)
     out["data"] = {"dataset": dataset.name, "root": str(dataset.root), "split": dataset.split}
     out["conventions"] = CONVENTIONS
     return out

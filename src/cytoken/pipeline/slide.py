@@ -333,6 +333,7 @@ def _assemble(
                 total_seconds=round(time.time() - t0, 2),
                 tiles_per_second=round(len(tiles) / max(1e-9, time.time() - t0), 3),
                 **({} if channels is None else {"channels": channels.describe()}),
+                classifier=None if config.classifier is None else str(config.classifier.path),
             ))  # fmt: skip
         except BaseException:
             writer.abort()

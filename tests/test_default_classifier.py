@@ -1,0 +1,70 @@
+"""The default model's embedded cell classifier: found, compatible, used by default, and switched off on request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytoken.classify import check_compatible, load_bundle
+from cytoken.cli._common import cell_classifier
+from cytoken.cli.main import main
+from cytoken.models.store import load_model
+from cytoken.types import CytokenError
+from cytoken.weights import get_entry
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+
+
+def test_default_classifier_ships_and_fits_the_embedded_weights() -> None:
+    entry = get_entry("cytoken-default")
+    assert entry.classifier_path is not None and (entry.classifier_path / "weights.safetensors").is_file()
+    model, info = load_model("cytoken-default")
+    assert info.classifier == str(entry.classifier_path)
+    bundle = load_bundle(Path(info.classifier))
+    # trained on exactly these weights' embeddings: a new model file needs a new classifier
+    check_compatible(bundle, info.sha256, model.encoder.spec.embed_dim)
+    assert tuple(bundle.class_names) == tuple(entry.class_names)
+
+
+def test_cell_classifier_choice() -> None:
+    model, info = load_model("cytoken-default")
+    assert cell_classifier(None, info, model) is not None  # the default
+    assert cell_classifier("none", info, model) is None and cell_classifier("NONE", info, model) is None
+    assert cell_classifier(None, info, model, embeddings="none") is None  # no embeddings: the type head, quietly
+    with pytest.raises(CytokenError, match="needs embeddings"):
+        cell_classifier(info.classifier, info, model, embeddings="none")
+    plain = type(info)(name="x", sha256=info.sha256, source="x.safetensors")  # a model file: no default
+    assert cell_classifier(None, plain, model) is None
+
+
+@needs_data
+def test_segment_uses_the_default_classifier_unless_told(tmp_path: Path) -> None:
+    crop = np.array(Image.open(SHARED / "monuseg" / "test" / "images" / "TCGA-2Z-A9J9-01A-01-TS1.png"))[:256, :256]
+    img = tmp_path / "crop.png"
+    Image.fromarray(crop).save(img)
+    runs = {}
+    for tag, extra in (("default", []), ("head", ["--classifier", "none"])):
+        argv = ["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / tag), "--quiet", "--no-overlay", *extra]
+        assert main(argv) == 0
+        runs[tag] = json.loads((tmp_path / tag / "crop" / "run.json").read_text())
+    assert runs["default"]["classifier"].endswith("cytoken-default-types")
+    assert runs["head"]["classifier"] is None
+    assert runs["default"]["cells"] == runs["head"]["cells"] > 0  # same cells, classes from another source
+
+
+@needs_data
+def test_evaluate_records_the_classifier(tmp_path: Path) -> None:
+    root = SHARED / "consep_patched"
+    out = {}
+    for tag, extra in (("default", []), ("head", ["--classifier", "none"])):
+        argv = ["evaluate", "--dataset", "consep_patched", "--data-root", str(root), "--split", "test", "--limit",
+                "2", "--quiet", "--out", str(tmp_path / f"{tag}.json"), *extra]  # fmt: skip
+        assert main(argv) == 0
+        out[tag] = json.loads((tmp_path / f"{tag}.json").read_text())
+    assert out["default"]["classifier"].endswith("cytoken-default-types") and out["head"]["classifier"] is None
+    assert out["default"]["bpq"] == out["head"]["bpq"]  # segmentation is the same
