@@ -96,3 +96,15 @@ def test_bad_streams_and_pickling(two_threads) -> None:
     tiles = _tiles(2)
     ref = p(tiles)  # the pool exists now; pickling leaves it behind and the copy makes its own
     _assert_close(pickle.loads(pickle.dumps(p))(tiles), ref, 1e-6)
+
+
+def test_a_pool_from_another_process_is_replaced(two_threads) -> None:
+    p = Predictor(_model(), streams=2)
+    tiles = _tiles(2)
+    ref = p(tiles)
+    old = p._pool
+    assert old is not None
+    old.pid = -1  # as in a forked child: the threads belong to another process
+    _assert_close(p(tiles), ref, 1e-6)
+    assert p._pool is not old and p._pool is not None and p._pool.pid > 0
+    old.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,10 +94,10 @@ class Predictor:
         n = self._n_streams()
         if n < 2 or len(tiles) < 2:
             return self._predict(tiles)
-        if self._pool is None or self._pool.size != n:
-            if self._pool is not None:
+        if self._pool is None or self._pool.size != n or self._pool.pid != os.getpid():
+            if self._pool is not None and self._pool.pid == os.getpid():
                 self._pool.close()
-            self._pool = _StreamPool(n)
+            self._pool = _StreamPool(n)  # also after a fork: the parent's worker threads do not exist in a child
         parts = np.array_split(np.arange(len(tiles)), min(n, len(tiles)))
         return [out for part in self._pool.map(self._predict, [tiles[p] for p in parts]) for out in part]
 
@@ -166,6 +167,7 @@ class _StreamPool:
             ready.wait()  # all ``size`` workers exist before the process-wide count is restored
 
         self.size = size
+        self.pid = os.getpid()
         self._executor = ThreadPoolExecutor(size, thread_name_prefix="cytoken-stream")
         try:
             for f in [self._executor.submit(init) for _ in range(size)]:
