@@ -52,7 +52,7 @@ def test_segment_uses_the_default_classifier_unless_told(tmp_path: Path) -> None
         argv = ["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / tag), "--quiet", "--no-overlay", *extra]
         assert main(argv) == 0
         runs[tag] = json.loads((tmp_path / tag / "crop" / "run.json").read_text())
-    assert runs["default"]["classifier"].endswith("cytoken-default-types")
+    assert runs["default"]["classifier"]["bundle"].endswith("cytoken-default-types")
     assert runs["head"]["classifier"] is None
     assert runs["default"]["cells"] == runs["head"]["cells"] > 0  # same cells, classes from another source
 

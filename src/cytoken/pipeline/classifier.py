@@ -459,6 +459,11 @@ def read_output_cells(folder: Path) -> tuple[CellSet, dict[str, Any]]:
     return cells, run
 
 
+def classifier_record(bundle: ClassifierBundle | None) -> dict[str, Any] | None:
+    """What ``run.json`` records about the classifier that set the classes (None: the model's type head)."""
+    return None if bundle is None else {"bundle": str(bundle.path), "class_names": list(bundle.class_names)}
+
+
 def relabel(cells: CellSet, bundle: ClassifierBundle) -> CellSet:
     """Cells with classes and probabilities from a classifier bundle applied to their embeddings."""
     if cells.embeddings is None:
@@ -500,7 +505,7 @@ def apply_bundle(folder: Path, bundle: ClassifierBundle) -> dict[str, Any]:
             writer.write_overlay(image, new)
         info = {k: v for k, v in run.items() if k not in ("cells", "cells_per_class", "embedding_dim", "versions",
                                                           "wall_seconds", "output")}  # fmt: skip
-        info["classifier"] = {"bundle": str(bundle.path), "class_names": list(bundle.class_names)}
+        info["classifier"] = classifier_record(bundle)
         info["class_names"] = list(bundle.class_names)
         summary = writer.close(info)
     summary["output"] = str(folder)

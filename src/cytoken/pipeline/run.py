@@ -64,9 +64,9 @@ def segment_image_file(
     mc = predictor.model.config  # type: ignore[attr-defined]
     loaded = load_input(path, mc, mpp=mpp, he=he)
     cells = segment_image(loaded.image, predictor, loaded.mpp, config=config, progress=progress, he=loaded.he)
-    if classifier is not None:
-        from cytoken.pipeline.classifier import relabel
+    from cytoken.pipeline.classifier import classifier_record, relabel
 
+    if classifier is not None:
         cells = relabel(cells, classifier)
     final = Path(out_dir) / path.stem
     meta = {"image": str(path), "mpp": loaded.mpp, "model": info.name, "model_sha256": info.sha256}
@@ -98,7 +98,7 @@ def segment_image_file(
                     tiles=cells.meta.get("tiles"),
                     image_size=list(loaded.size),
                     **({"channels": cells.meta["channels"]} if "channels" in cells.meta else {}),
-                    classifier=None if classifier is None else str(classifier.path),
+                    classifier=classifier_record(classifier),
                 )
             )
         except BaseException:

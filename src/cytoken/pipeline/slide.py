@@ -294,13 +294,12 @@ def _assemble(
     config: SlideConfig, predictor: Predictor, tiles: list[Tile], scale: float, t0: float,
     channels: ChannelPlan | None = None,
 ) -> dict:  # fmt: skip
+    from cytoken.pipeline.classifier import classifier_record, relabel
     from cytoken.pipeline.run import run_info, type_map_of
 
     mc = predictor.model.config  # type: ignore[attr-defined]
     names = tuple(mc.names) if mc.num_classes else ()
     if config.classifier is not None:
-        from cytoken.pipeline.classifier import relabel
-
         names = tuple(config.classifier.class_names)
     meta = {"slide": str(path), "mpp": slide.mpp, "model": info.name, "model_sha256": info.sha256}
     next_id = 1
@@ -333,7 +332,7 @@ def _assemble(
                 total_seconds=round(time.time() - t0, 2),
                 tiles_per_second=round(len(tiles) / max(1e-9, time.time() - t0), 3),
                 **({} if channels is None else {"channels": channels.describe()}),
-                classifier=None if config.classifier is None else str(config.classifier.path),
+                classifier=classifier_record(config.classifier),
             ))  # fmt: skip
         except BaseException:
             writer.abort()
