@@ -68,3 +68,31 @@ def test_evaluate_records_the_classifier(tmp_path: Path) -> None:
         out[tag] = json.loads((tmp_path / f"{tag}.json").read_text())
     assert out["default"]["classifier"].endswith("cytoken-default-types") and out["head"]["classifier"] is None
     assert out["default"]["bpq"] == out["head"]["bpq"]  # segmentation is the same
+
+
+@needs_data
+def test_run_json_names_the_classes_of_the_bundle_that_set_them(tmp_path: Path) -> None:
+    from cytoken.classify import save_bundle
+
+    _, info = load_model("cytoken-default")
+    rng = np.random.default_rng(0)
+    state = {"fc1.weight": rng.normal(size=(8, 192)).astype(np.float32), "fc1.bias": np.zeros(8, np.float32),
+             "fc2.weight": rng.normal(size=(2, 8)).astype(np.float32), "fc2.bias": np.zeros(2, np.float32)}  # fmt: skip
+    bundle = save_bundle(tmp_path / "b", state, class_names=["tumour", "stroma"], config={}, metrics={},
+                         embedding_model_sha256=info.sha256, embedding_dim=192)  # fmt: skip
+    crop = np.array(Image.open(SHARED / "monuseg" / "test" / "images" / "TCGA-2Z-A9J9-01A-01-TS1.png"))[:256, :256]
+    img = tmp_path / "crop.png"
+    Image.fromarray(crop).save(img)
+    argv = ["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / "o"), "--quiet", "--no-overlay",
+            "--classifier", str(bundle)]  # fmt: skip
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "o" / "crop" / "run.json").read_text())
+    assert run["class_names"] == ["tumour", "stroma"] == run["classifier"]["class_names"]
+    assert set(run["cells_per_class"]) <= {"tumour", "stroma"}
+
+
+def test_evaluate_refuses_a_classifier_for_saved_predictions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["evaluate", "--dataset", "monuseg", "--data-root", str(tmp_path), "--predictions", str(tmp_path),
+            "--classifier", "some_bundle", "--out", str(tmp_path / "m.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert "saved --predictions have none" in capsys.readouterr().err

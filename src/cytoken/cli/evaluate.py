@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from cytoken.pipeline.predictor import Predictor
     from cytoken.types import CytokenError
 
+    if args.predictions is not None and args.classifier not in (None, "none"):
+        raise CytokenError("--classifier needs a model run (cell embeddings); saved --predictions have none")
+
     kw = {"mpp": args.mpp} if (args.mpp and args.dataset == "folder") else {}
     try:
         ds = (

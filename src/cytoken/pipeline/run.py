@@ -36,7 +36,8 @@ def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Pred
         "tta": bool(getattr(predictor, "tta", False)),
         "amp": bool(getattr(predictor, "amp", False)),
         "embeddings": config.embeddings,
-        "class_names": list(mc.names) if mc.num_classes else [],
+        # a classifier's classes when one set them (``extra["classifier"]`` is its record), else the model's
+        "class_names": (extra.get("classifier") or {}).get("class_names") or (list(mc.names) if mc.num_classes else []),
         "postprocess": asdict(config.hover or model_hover_config(mc) or HoverConfig()),
         **extra,
     }
