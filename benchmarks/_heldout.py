@@ -10,13 +10,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cytoken.io.datasets import open_dataset
 from cytoken.metrics import detection_radius, detection_scores, instance_centroids, instance_scores
+from cytoken.models.store import load_model
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
 from cytoken.pipeline.predictor import Predictor
 from cytoken.postprocess import HoverConfig
 from cytoken.training.data import split_groups
+
+
+def load_for_heldout(shared: Path, model: str, threads: int) -> tuple:
+    """The start of a held-out benchmark: check the MoNuSeg data is there, set torch's threads, load the model.
+
+    Returns ``load_model(model)``'s ``(model, info)``.
+    """
+    if not (shared / "monuseg").is_dir():
+        raise SystemExit(f"{shared / 'monuseg'} is missing: this benchmark needs ../shared/data")
+    torch.set_num_threads(threads)
+    return load_model(model)
 
 
 def heldout_monuseg(shared: Path) -> list:

@@ -22,10 +22,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from _heldout import heldout_monuseg
-from cytoken.models.store import load_model
+from _heldout import heldout_monuseg, load_for_heldout
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
 from cytoken.pipeline.predictor import Predictor
 
@@ -100,10 +98,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. the model compared)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if not (SHARED / "monuseg").is_dir():
-        raise SystemExit(f"{SHARED / 'monuseg'} is missing: this benchmark needs ../shared/data")
-    torch.set_num_threads(args.threads)
-    model, info = load_model(args.model)
+    model, info = load_for_heldout(SHARED, args.model, args.threads)
     doc = {"model": {"name": info.name, "sha256": info.sha256}, **analyse(Predictor(model), heldout_monuseg(SHARED))}
     lines = [
         f"# Where the Dice is lost: `{info.name}` (sha256 {info.sha256[:12]}…)",

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from _heldout import heldout_monuseg, score_images
+from _heldout import heldout_monuseg, load_for_heldout, score_images
 from cytoken.io.datasets import open_dataset
-from cytoken.models.store import load_model
 from cytoken.pipeline.evaluate import EvaluateConfig, evaluate
 from cytoken.pipeline.image import SegmentConfig
 from cytoken.pipeline.predictor import Predictor
@@ -65,10 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default="cytoken-default")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if not (SHARED / "monuseg").is_dir():
-        raise SystemExit(f"{SHARED / 'monuseg'} is missing: this benchmark needs ../shared/data")
-    torch.set_num_threads(args.threads)
-    model, info = load_model(args.model)
+    model, info = load_for_heldout(SHARED, args.model, args.threads)
     doc: dict = {
         "model": {"name": info.name, "sha256": info.sha256},
         "threads": args.threads,
