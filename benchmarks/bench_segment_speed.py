@@ -46,14 +46,16 @@ OUT = ROOT / "benchmarks" / "results"
 
 
 MATMUL_N = 2048
+MATMUL_REPS = 5
+MATMUL_FLOPS = 2 * MATMUL_N**3 * MATMUL_REPS  # one call of matmul()'s function
 
 
-def matmul(dtype: torch.dtype, reps: int = 5) -> Callable[[], None]:
-    """``reps`` products of two ``MATMUL_N``² matrices (``2 * MATMUL_N**3 * reps`` FLOPs)."""
+def matmul(dtype: torch.dtype) -> Callable[[], None]:
+    """``MATMUL_REPS`` products of two ``MATMUL_N``² matrices (``MATMUL_FLOPS``)."""
     a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype), torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
 
     def run() -> None:
-        for _ in range(reps):
+        for _ in range(MATMUL_REPS):
             torch.mm(a, b)
 
     return run
@@ -97,21 +99,20 @@ def main() -> None:
             fn()
             times[k].append(time.perf_counter() - t)
     per_tile = {k: statistics.median(v) / args.batch_size for k, v in times.items() if not k.startswith("matmul")}
-    peak, peak_bf16 = (2 * MATMUL_N**3 * 5 / statistics.median(times[k]) / 1e9 for k in ("matmul_fp32", "matmul_bf16"))
+    peak, peak_bf16 = (MATMUL_FLOPS / statistics.median(times[k]) / 1e9 for k in ("matmul_fp32", "matmul_bf16"))
 
     def fraction(k: str, rate: float) -> float:
         return round(flops_tile / per_tile[k] / 1e9 / rate, 3)
 
     images = sorted(DATA.glob("*.png"))[: args.images]
-    predictor = streams
     cfg = SegmentConfig(batch_size=args.batch_size)
     tiles = 0
     cells = 0
     with tempfile.TemporaryDirectory() as tmp:
-        segment_image_file(images[0], Path(tmp), predictor, info, cfg, mpp=0.25)  # warm-up
+        segment_image_file(images[0], Path(tmp), streams, info, cfg, mpp=0.25)  # warm-up
         t = time.perf_counter()
         for p in images:
-            s = segment_image_file(p, Path(tmp), predictor, info, cfg, mpp=0.25, overlay=True)
+            s = segment_image_file(p, Path(tmp), streams, info, cfg, mpp=0.25, overlay=True)
             tiles += s["tiles"]
             cells += s["cells"]
         e2e = time.perf_counter() - t
