@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--amp",
         action="store_true",
-        help="bfloat16 autocast on CPU (float16 on CUDA): about 2.4x the forward speed on CPUs with AVX-512-BF16/AMX, "
+        help="bfloat16 autocast on CPU (float16 on CUDA): about 2x the forward speed on CPUs with AVX-512-BF16/AMX, "
         "slightly different maps (see benchmarks/results/inference_options.md)",
     )
     p.add_argument(
