@@ -156,8 +156,7 @@ def build_embedding_set(
 
         it = tqdm(it, desc=f"embeddings {dataset.name}/{dataset.split}", unit="img")
     label_report = getattr(dataset, "label_report", None)
-    # split groups: the dataset's own (e.g. the CoNSeP patch copy's overlapping patches group by source tile)
-    groups = list(getattr(dataset, "groups", None) or [])
+    groups = dataset.groups  # split groups (the CoNSeP patch copy's overlapping patches: their source tile)
     for i in it:
         try:
             s = dataset[i]
@@ -189,7 +188,7 @@ def build_embedding_set(
         keep = cls > 0
         xs.append(cells.embeddings[index[keep]].astype(np.float32))
         ys.append(cls[keep].astype(np.int64) - 1)
-        gs += [groups[i] if i < len(groups) else s.source_id] * int(keep.sum())
+        gs += [groups[i]] * int(keep.sum())
         extra = label_report(i) if callable(label_report) else {}
         per_image.append({"image": s.source_id, **{k: v for k, v in extra.items() if k != "n_labels"}, **rep})
     if not xs or not sum(len(x) for x in xs):
