@@ -175,3 +175,17 @@ def test_segment_hover_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "unknown preset 'fancy'" in _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
     cfg.write_text("fg_threshold: 1.5\n")
     assert "fg_threshold" in _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
+
+
+def test_models_lists_the_default_with_licence_classifier_and_metrics(capsys: pytest.CaptureFixture) -> None:
+    from cytoken.weights import get_entry
+
+    entry = get_entry("cytoken-default")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cytoken-default {entry.version}  [embedded]")
+    assert f"licence: {entry.licence}" in out and "research use only" in entry.licence
+    assert "default cell classifier: cytoken-default-types [embedded]" in out
+    # per-class metrics print as "class value" pairs, not as a Python dict
+    assert "consep_patched_test_type_f1: other " in out and "{" not in out
+    assert f"model card: {entry.card}" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,15 +27,27 @@ def run_list(args: argparse.Namespace) -> int:
     for e in list_models():
         have = "embedded" if e.path is not None and e.path.is_file() else "not installed"
         classes = ", ".join(e.class_names) or "-"
-        print(f"{e.name}  [{have}]  {e.mpp} µm/px  classes: {classes}")
+        version = f" {e.version}" if e.version else ""
+        print(f"{e.name}{version}  [{have}]  {e.mpp} µm/px  classes: {classes}")
         print(f"    {e.description}")
         print(f"    licence: {e.licence}")
         if e.classifier_path is not None:
             state = "embedded" if (e.classifier_path / "weights.safetensors").is_file() else "not installed"
             print(f"    default cell classifier: {e.classifier} [{state}] (--classifier none: type head)")
         if e.metrics:
-            print("    metrics: " + ", ".join(f"{k} {v}" for k, v in e.metrics.items()))
+            print("    metrics:")
+            for k, v in e.metrics.items():
+                print(f"      {k}: {_metric(v)}")
+        if e.card:
+            print(f"    model card: {e.card}")
     return 0
+
+
+def _metric(value: Any) -> str:
+    """A manifest metric as text: numbers as given, per-class dicts as ``name value, ...``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_metric(v)}" for k, v in value.items())
+    return str(value)
 
 
 def run_convert(args: argparse.Namespace) -> int:
