@@ -161,7 +161,12 @@ def test_segment_hover_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
     base = ["segment", str(crop), "--mpp", "0.25", "--quiet", "--embeddings", "none"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     stored = json.loads((tmp_path / "a" / "crop" / "run.json").read_text())
-    assert stored["postprocess"]["fg_threshold"] == 0.3  # cytoken-default's tuned parameters
+    from cytoken.models.store import read_config
+    from cytoken.weights import get_entry
+
+    tuned = read_config(get_entry("cytoken-default").path).postprocess
+    for key in ("fg_threshold", "marker_threshold", "min_mean_prob"):  # cytoken-default's tuned parameters
+        assert stored["postprocess"][key] == tuned[key], key
     cfg = tmp_path / "hover.yaml"
     cfg.write_text("preset: cellvit\nfg_threshold: 0.9\nmin_object_px: 200\n")
     assert main([*base, "--out", str(tmp_path / "b"), "--hover-config", str(cfg)]) == 0

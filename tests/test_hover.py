@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,25 @@ def test_mpp_scaling_of_min_sizes():
     assert hover_instances_map(prob, hv, 0.25).max() == 0
 
 
+@pytest.mark.parametrize("recipe", [HoverConfig, HoverConfig.cellvit])
+def test_min_mean_prob_drops_faint_instances_only(recipe):
+    # three separate disks: confident (p 0.9), in between (0.6), faint (0.35); all above the 0.3 foreground threshold
+    gt = np.zeros((64, 120), np.int32)
+    for i, cx in enumerate((20, 60, 100), start=1):
+        gt[disk(gt.shape, cx, 32, 9)] = i
+    prob = np.select([gt == 1, gt == 2, gt == 3], [0.9, 0.6, 0.35], 0.0).astype(np.float32)
+    hv = hv_targets(gt)
+    base = recipe()
+    off = hover_instances_map(prob, hv, config=replace(base, fg_threshold=0.3))
+    assert off.max() == 3
+    on = hover_instances_map(prob, hv, config=replace(base, fg_threshold=0.3, min_mean_prob=0.5))
+    assert on.max() == 2 and sorted(np.unique(on).tolist()) == [0, 1, 2]  # ids stay consecutive
+    assert (on[gt == 3] == 0).all() and (on[gt == 1] > 0).all() and (on[gt == 2] > 0).all()
+    assert hover_instances_map(prob, hv, config=replace(base, fg_threshold=0.3, min_mean_prob=0.7)).max() == 1
+    # off by default in every preset
+    assert base.min_mean_prob == 0.0 and HoverConfig.exact_maps().min_mean_prob == 0.0
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="hv must have shape"):
         decode_hover(np.zeros((10, 10)), np.zeros((10, 10)))
@@ -174,6 +194,8 @@ def test_bad_inputs_raise():
         cells_from_instances(np.ones((4, 4), np.int32), np.ones((3, 4, 4)), class_names=("a",))
     with pytest.raises(ValueError, match="odd integer"):
         HoverConfig(sobel_ksize=20)
+    with pytest.raises(ValueError, match="min_mean_prob"):
+        HoverConfig(min_mean_prob=1.0)
 
 
 @needs_data

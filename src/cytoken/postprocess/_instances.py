@@ -234,6 +234,27 @@ def _merge_unsupported(ws: np.ndarray, hm: np.ndarray, vm: np.ndarray, p: PixelP
 
 def hover_instances(nuclei_prob: np.ndarray, hv: np.ndarray, p: PixelParams) -> np.ndarray:
     """Instance map (int32, consecutive ids 1..N) from validated float32 maps; see ``decode_hover``."""
+    out = _watershed_instances(nuclei_prob, hv, p)
+    if p.min_mean_prob > 0 and out.any():
+        out = _drop_unsure(out, nuclei_prob, p.min_mean_prob)
+    return out
+
+
+def _drop_unsure(inst: np.ndarray, prob: np.ndarray, min_mean: float) -> np.ndarray:
+    """``inst`` without the instances whose mean ``prob`` is below ``min_mean``, ids renumbered 1..N."""
+    n = int(inst.max()) + 1
+    flat = inst.ravel()
+    area = np.bincount(flat, minlength=n)
+    total = np.bincount(flat, weights=prob.ravel(), minlength=n)
+    keep = total >= min_mean * area
+    keep[0] = False
+    lut = np.zeros(n, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[inst]
+
+
+def _watershed_instances(nuclei_prob: np.ndarray, hv: np.ndarray, p: PixelParams) -> np.ndarray:
+    """The instance map before the confidence filter (see :func:`hover_instances`)."""
     from skimage.segmentation import watershed
 
     height, width = nuclei_prob.shape
