@@ -7,7 +7,7 @@ configuration by bPQ + Dice + detection F1 (the three floors of the default mode
 in ``SegmenterConfig.postprocess``. (Up to v2 the choice was by bPQ alone; with the confidence filter in the grid,
 bPQ alone picked a setting that gave up 0.007 Dice and 0.008 F1 for 0.0015 bPQ.)
 
-Run (repository root): ``python benchmarks/tune_postprocess.py --model runs/default_model/final.safetensors``
+Run (repository root): ``python benchmarks/tune_postprocess.py --model runs/default_model_stage2/final.safetensors``
 Writes ``benchmarks/results/postprocess_tuning.{md,json}``.
 """
 

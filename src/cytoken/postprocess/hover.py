@@ -83,8 +83,9 @@ def decode_hover(
     Steps (see :class:`HoverConfig` for each parameter and where cytoken deviates from CellViT++): foreground
     threshold; removal of small foreground components; Sobel energy of the HV maps, min-max normalised; markers =
     foreground below the boundary threshold, holes filled, opened, small ones removed; marker-controlled watershed
-    inside the foreground; removal of small instances. Sizes are scaled by ``mpp``. A foreground component with a
-    single marker is taken whole, so the watershed only runs on components holding several markers.
+    inside the foreground; removal of small instances and, when ``min_mean_prob`` is set, of instances with a low
+    mean nucleus probability. Sizes are scaled by ``mpp``. A foreground component with a single marker is taken
+    whole, so the watershed only runs on components holding several markers.
 
     Args:
         nuclei_prob: (H, W) float nucleus probability.
