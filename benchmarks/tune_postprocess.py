@@ -86,12 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in grid().items():
         sc = score_images(samples, predictor, cfg)
         row = {"name": name, "bpq": sc["bpq"], "dice": sc["dice"], "det_f1": sc["det_f1"],
-               "precision": sc["det_precision"], "recall": sc["det_recall"], "config": asdict(cfg)}  # fmt: skip
+               "score": sc["bpq"] + sc["dice"] + sc["det_f1"], "precision": sc["det_precision"],
+               "recall": sc["det_recall"], "config": asdict(cfg)}  # fmt: skip
         rows.append(row)
         print(f"{name}: bPQ {row['bpq']:.4f} Dice {row['dice']:.4f} F1 {row['det_f1']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)  # fmt: skip
-    for row in rows:
-        row["score"] = row["bpq"] + row["dice"] + row["det_f1"]
     best = max(rows, key=lambda r: r["score"])
     report = {"model": {"name": info.name, "sha256": info.sha256}, "validation_images": [s.source_id for s in samples],
               "rows": rows, "best": best}  # fmt: skip

@@ -13,6 +13,8 @@ from PIL import Image
 
 from cytoken.cli.main import main
 from cytoken.models import SegmenterConfig, build_segmenter, save_segmenter
+from cytoken.models.store import read_config
+from cytoken.weights import get_entry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
@@ -161,9 +163,6 @@ def test_segment_hover_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
     base = ["segment", str(crop), "--mpp", "0.25", "--quiet", "--embeddings", "none"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     stored = json.loads((tmp_path / "a" / "crop" / "run.json").read_text())
-    from cytoken.models.store import read_config
-    from cytoken.weights import get_entry
-
     tuned = read_config(get_entry("cytoken-default").path).postprocess
     for key in ("fg_threshold", "marker_threshold", "min_mean_prob"):  # cytoken-default's tuned parameters
         assert stored["postprocess"][key] == tuned[key], key
@@ -183,8 +182,6 @@ def test_segment_hover_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_models_lists_the_default_with_licence_classifier_and_metrics(capsys: pytest.CaptureFixture) -> None:
-    from cytoken.weights import get_entry
-
     entry = get_entry("cytoken-default")
     assert main(["models"]) == 0
     out = capsys.readouterr().out
