@@ -46,7 +46,7 @@ class PixelParams:
     merge_delta: float
     merge_max_fraction: float
     energy_blur: bool
-    min_mean_prob: float = 0.0
+    min_mean_prob: float
 
 
 @dataclass(frozen=True)
