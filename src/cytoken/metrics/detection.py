@@ -45,6 +45,29 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else _NAN
 
 
+class _CountScores:
+    """Precision, recall and F1 from ``tp``/``fp``/``fn`` counts; each is nan when its denominator is 0."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        """``tp / (tp + fp)``; nan without predictions."""
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        """``tp / (tp + fn)``; nan without true points."""
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def f1(self) -> float:
+        """``2 tp / (2 tp + fp + fn)`` (HoVer-Net's F_d); nan when both sets are empty."""
+        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+
 def instance_centroids(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ids and (x, y) centroids of the non-zero instances of a label map (vectorised, ids sorted).
 
@@ -108,7 +131,7 @@ def _as_labels(labels: np.ndarray | Sequence[int] | None, n: int, name: str) -> 
 
 
 @dataclass(frozen=True)
-class DetectionResult:
+class DetectionResult(_CountScores):
     """Matching of true and predicted points in one image.
 
     Attributes:
@@ -132,21 +155,6 @@ class DetectionResult:
     unpaired_pred: np.ndarray
     true_labels: np.ndarray | None = None
     pred_labels: np.ndarray | None = None
-
-    @property
-    def precision(self) -> float:
-        """``tp / (tp + fp)``; nan when there is no prediction."""
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def recall(self) -> float:
-        """``tp / (tp + fn)``; nan when there is no true point."""
-        return _ratio(self.tp, self.tp + self.fn)
-
-    @property
-    def f1(self) -> float:
-        """``2 tp / (2 tp + fp + fn)`` (HoVer-Net's F_d); nan when both sets are empty."""
-        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
     def type_stats(self) -> TypeStats:
         """The class labels split into paired/unpaired, for :func:`hovernet_type_f1`.
@@ -362,8 +370,8 @@ def hovernet_type_f1(stats: TypeStats, class_ids: Sequence[int] | None = None) -
     return scores
 
 
-class DetectionAccumulator:
-    """Sums TP/FP/FN (and pools class labels) over a data set: micro-averaged precision, recall and F1.
+class DetectionAccumulator(_CountScores):
+    """Sums TP/FP/FN (and pools class labels) over a data set: micro-averaged precision, recall and F1 (of the sums).
 
     Example:
         >>> acc = DetectionAccumulator()
@@ -391,21 +399,6 @@ class DetectionAccumulator:
             self._labelled = False
         elif self._labelled:
             self._stats.append(result.type_stats())
-
-    @property
-    def precision(self) -> float:
-        """Summed ``tp / (tp + fp)``; nan without predictions."""
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def recall(self) -> float:
-        """Summed ``tp / (tp + fn)``; nan without true points."""
-        return _ratio(self.tp, self.tp + self.fn)
-
-    @property
-    def f1(self) -> float:
-        """Summed ``2 tp / (2 tp + fp + fn)``; nan when nothing was seen."""
-        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
     def type_stats(self) -> TypeStats:
         """Pooled class labels of all added images.
