@@ -22,6 +22,10 @@ __all__ = ["MAX_OVERLAY_SIDE", "render_overlay", "write_overlay"]
 
 MAX_OVERLAY_SIDE = 4096
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+# zlib level 1 instead of PIL's default 6 for PNG: on a 1000² H&E overlay 0.17 s instead of 0.65 s for a 9 % larger
+# file (1.82 vs 1.67 MB; lossless either way). At the default, encoding the overlay took ~30 % of the time
+# `cytoken segment` spends on a MoNuSeg image besides the forward pass (cProfile); a QC picture can be 9 % larger.
+_SAVE_OPTIONS: dict[str, dict[str, int]] = {"PNG": {"compress_level": 1}}
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -130,5 +134,5 @@ def write_overlay(
 
     rendered = render_overlay(image, cells, line_width=line_width)
     with atomic_write(out_path, "wb") as fh:
-        Image.fromarray(rendered).save(fh, format=fmt)
+        Image.fromarray(rendered).save(fh, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
     return out_path
