@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--dataset", default=None,
                    help="crchisto, consep, consep_patched, pannuke, lizard, cellvit, folder, qupath")  # fmt: skip
-    d.add_argument("--data-root", type=Path, default=None)
+    d.add_argument("--data-root", type=Path, default=None, help="the dataset's folder (with --dataset)")
     d.add_argument("--split", default=None, help="split to read (default: the adapter's)")
     d.add_argument("--slide", type=Path, nargs="+", default=None, help="slide (or image) files labelled in QuPath")
     d.add_argument("--labels", type=Path, nargs="+", default=None,
@@ -45,8 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", required=True, type=Path, help="embedding set file (.npz)")
     d.add_argument("--cache", type=Path, default=None, help="segmentation/embedding cache folder (default: OUT.cache/)")
     d.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
-    d.add_argument("--embeddings", choices=("mask", "bbox"), default="mask")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--embeddings", choices=("mask", "bbox"), default="mask",
+                   help="per-cell embedding: area-weighted mean of the tokens under the mask (default) or "
+                   "CellViT++'s bounding-box mean")  # fmt: skip
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=run_dataset)
 
     for name, helptext in (("train", "train with fixed hyper-parameters"), ("search", "hyper-parameter search")):
@@ -55,32 +57,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument("--out", required=True, type=Path, help="bundle folder to write")
         t.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out for validation")
         t.add_argument("--val-groups", type=Path, default=None, help="file: one image/slide id per line for validation")
-        t.add_argument("--seed", type=int, default=0)
-        t.add_argument("--class-balance", choices=("none", "loss_weights", "sampler"), default="none")
+        t.add_argument("--seed", type=int, default=0,
+                       help="seed of the validation split and training (search: also the sampler)")  # fmt: skip
+        t.add_argument("--class-balance", choices=("none", "loss_weights", "sampler"), default="none",
+                       help="rare classes: loss weighted by inverse class frequency, or class-balanced "
+                       "sampling (default none)")  # fmt: skip
         t.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
         if name == "train":
-            t.add_argument("--hidden", type=int, default=256, choices=(128, 256, 512))
-            t.add_argument("--lr", type=float, default=1e-3)
-            t.add_argument("--weight-decay", type=float, default=1e-4)
-            t.add_argument("--schedule", choices=("constant", "exponential"), default="constant")
-            t.add_argument("--epochs", type=positive_int, default=50)
+            t.add_argument("--hidden", type=int, default=256, choices=(128, 256, 512),
+                           help="hidden units (default 256)")  # fmt: skip
+            t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+            t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+            t.add_argument("--schedule", choices=("constant", "exponential"), default="constant",
+                           help="learning-rate schedule (default constant)")  # fmt: skip
+            t.add_argument("--epochs", type=positive_int, default=50,
+                           help="at most this many epochs; early stopping on validation macro AUROC "
+                           "(default 50)")  # fmt: skip
             t.set_defaults(func=run_train)
         else:
-            t.add_argument("--trials", type=positive_int, default=100)
-            t.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+            t.add_argument("--trials", type=positive_int, default=100, help="trials in all, counting a resumed "
+                           "study's finished ones (default 100)")  # fmt: skip
+            t.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler (default tpe)")
             t.add_argument("--storage", type=Path, default=None, help="SQLite file: resumable study")
-            t.add_argument("--study-name", default="cytoken-classifier")
+            t.add_argument("--study-name", default="cytoken-classifier", help="study in --storage to create or resume")
             t.set_defaults(func=run_search)
 
     e = csub.add_parser("evaluate", help="per-class P/R/F1, macro/weighted F1, AUROC, confusion matrix")
-    e.add_argument("--bundle", required=True, type=Path)
+    e.add_argument("--bundle", required=True, type=Path, help="classifier bundle folder (from train or search)")
     e.add_argument("--data", required=True, type=Path, help="embedding set to score (e.g. a test split)")
     e.add_argument("--out", type=Path, default=None, help="folder for report.json and confusion.png")
     e.set_defaults(func=run_evaluate)
 
     a = csub.add_parser("apply", help="re-label existing segment outputs from their stored embeddings")
     a.add_argument("outputs", nargs="+", type=Path, help="cytoken segment output folders (DIR/<stem>)")
-    a.add_argument("--bundle", required=True, type=Path)
+    a.add_argument("--bundle", required=True, type=Path,
+                   help="classifier bundle folder, trained on the same model's embeddings")  # fmt: skip
     a.set_defaults(func=run_apply)
 
 

@@ -32,14 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="score saved uint16 instance maps DIR/<stem>.png instead of running a model",
     )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="tiles per forward pass (default 8)")
     p.add_argument(
         "--hover-config",
         metavar="FILE",
         help="post-processing parameters: a YAML/JSON mapping of HoverConfig fields, optionally with "
         "preset: default|cellvit|exact_maps (default: the parameters stored with the model)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average 4 flipped passes (4x time)")
     p.add_argument(
         "--amp",
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="classifier bundle that assigns the cell classes from the cells' embeddings (default: the model's own "
         "default classifier when it ships one; 'none': the model's type head). Used on datasets with classes",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

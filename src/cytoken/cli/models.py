@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lp = msub.add_parser("list", help="list the models (default)")
     lp.set_defaults(func=run_list)
     cp = msub.add_parser("convert", help="convert an official CellViT/CellViT++ .pth checkpoint to a cytoken bundle")
-    cp.add_argument("checkpoint", type=Path)
+    cp.add_argument("checkpoint", type=Path, help="official CellViT / CellViT++ checkpoint (.pth)")
     cp.add_argument("--out", required=True, type=Path, help="output folder")
     cp.set_defaults(func=run_convert)
 
