@@ -191,3 +191,22 @@ def test_models_lists_the_default_with_licence_classifier_and_metrics(capsys: py
     # per-class metrics print as "class value" pairs, not as a Python dict
     assert "consep_patched_test_type_f1: other " in out and "{" not in out
     assert f"model card: {entry.card}" in out
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    from cytoken.cli.main import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "cytoken")
+    assert not missing, f"options without a --help line: {missing}"
