@@ -1,3 +1,4 @@
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -464,8 +465,9 @@ def test_label_from_if_command(tmp_path):
 
 
 @needs_shared
-def test_label_from_if_takes_a_segment_output_folder(tmp_path):
-    """``--cells DIR``: the cells of a ``cytoken segment`` run (default model) are labelled, ids kept."""
+def test_label_from_if_takes_a_segment_output_folder(tmp_path, capsys):
+    """``--cells DIR``: the cells of a ``cytoken segment`` run (default model) are labelled, ids kept; then
+    ``classifier dataset --if-labels`` turns the labels into a training set from that run's stored embeddings."""
     import pyarrow.parquet as pq
 
     from cytoken.cli.main import main
@@ -493,3 +495,36 @@ def test_label_from_if_takes_a_segment_output_folder(tmp_path):
     kept = table["kept"].to_numpy() & on_cell
     pred = table["label"].to_numpy() == 1
     assert kept.sum() > 50 and (pred[kept] == gt[kept]).mean() >= 0.9
+
+    # the IF labels -> classifier route: labelled set from the stored embeddings (the model is not run), then train
+    import pyarrow as pa
+
+    from cytoken.pipeline.classifier import load_embedding_set
+
+    labels_f = tmp_path / "out" / "labels.parquet"
+    assert main(["classifier", "dataset", "--if-labels", str(labels_f), "--cells", str(seg),
+                 "--out", str(tmp_path / "set.npz")]) == 0  # fmt: skip
+    lab, meta = load_embedding_set(tmp_path / "set.npz")
+    rows = table[table["kept"]]
+    assert lab.class_names == ("MARKER-", "MARKER+") and len(lab.labels) == len(rows)
+    np.testing.assert_array_equal(lab.labels, rows["label"].to_numpy())
+    emb = np.load(seg / "embeddings.npy")
+    row_of = {int(i): r for r, i in enumerate(cells["id"])}
+    np.testing.assert_array_equal(lab.embeddings, emb[[row_of[int(i)] for i in rows["cell_id"]]].astype(np.float32))
+    assert set(lab.groups) == {"he"}
+    assert meta["model_sha256"] == json.loads((seg / "run.json").read_text())["model"]["sha256"]
+    # bad input: ids the output does not hold, a table without the columns, a missing --cells: one clear error each
+    bad = table.copy()
+    bad.loc[bad.index[0], "cell_id"] = 10**9
+    bad = bad.assign(kept=True)
+    pq.write_table(pa.Table.from_pandas(bad, preserve_index=False), tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"cell_id": [1]}), tmp_path / "nocols.parquet")
+    capsys.readouterr()
+    for extra, message in (
+        (["--if-labels", str(tmp_path / "bad.parquet"), "--cells", str(seg)], "cell ids (e.g. [1000000000])"),
+        (["--if-labels", str(tmp_path / "nocols.parquet"), "--cells", str(seg)], "['label', 'kept', 'marker']"),
+        (["--if-labels", str(labels_f)], "--if-labels and --cells go together"),
+    ):
+        assert main(["classifier", "dataset", *extra, "--out", str(tmp_path / "bad.npz")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()

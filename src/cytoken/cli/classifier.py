@@ -18,9 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = csub.add_parser(
         "dataset",
         help="labels + images (or slides) -> cached embedding set (.npz)",
-        description="Either a labelled dataset (--dataset NAME --data-root DIR; 'qupath' reads images/ + labels/ "
-        "QuPath GeoJSON exports) or slides annotated in QuPath (--slide S.svs ... --labels S.geojson ...; an "
-        "existing `cytoken segment` output given with --segment-output is reused, the model is not run).",
+        description="One of: a labelled dataset (--dataset NAME --data-root DIR; 'qupath' reads images/ + labels/ "
+        "QuPath GeoJSON exports); slides annotated in QuPath (--slide S.svs ... --labels S.geojson ...; an "
+        "existing `cytoken segment` output given with --segment-output is reused, the model is not run); or "
+        "IF-derived labels (--if-labels labels.parquet ... --cells SEGMENT_OUTPUT ...: the tables of "
+        "`cytoken label-from-if --cells SEGMENT_OUTPUT`, joined to that output's stored embeddings; the model is "
+        "not run).",
     )
     d.add_argument("--dataset", default=None,
                    help="crchisto, consep, consep_patched, pannuke, lizard, cellvit, folder, qupath")  # fmt: skip
@@ -34,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "outputs are written there)")  # fmt: skip
     d.add_argument("--class-names", default=None, help="QuPath labels: classes in this order, comma-separated "
                    "(default: every class found, sorted)")  # fmt: skip
+    d.add_argument("--if-labels", type=Path, nargs="+", default=None,
+                   help="labels.parquet (or .csv) files written by `cytoken label-from-if`")  # fmt: skip
+    d.add_argument("--cells", type=Path, nargs="+", default=None,
+                   help="with --if-labels: the `cytoken segment` output folder (DIR/<stem>) each table was "
+                   "computed on (its --cells), in the same order")  # fmt: skip
     d.add_argument(
         "--max-object-um2",
         type=float,
@@ -103,8 +111,12 @@ def run_dataset(args: argparse.Namespace) -> int:
     from cytoken.types import CytokenError
 
     slides = args.slide is not None or args.labels is not None
-    if slides == (args.dataset is not None):
-        raise CytokenError("give either --dataset NAME --data-root DIR, or --slide FILE... --labels FILE...")
+    if_labels = args.if_labels is not None or args.cells is not None
+    if slides + if_labels + (args.dataset is not None) != 1:
+        raise CytokenError("give one of: --dataset NAME --data-root DIR; --slide FILE... --labels FILE...; "
+                           "--if-labels TABLE... --cells SEGMENT_OUTPUT...")  # fmt: skip
+    if if_labels:
+        return _if_label_dataset(args)
     if args.max_object_um2 < 0:
         raise CytokenError(f"--max-object-um2 must be >= 0 (0 keeps every polygon), got {args.max_object_um2}")
     max_um2 = args.max_object_um2 or None
@@ -145,6 +157,21 @@ def run_dataset(args: argparse.Namespace) -> int:
     sources = [r["source"] for r in report["images"] if "source" in r]
     if sources:
         print("cells from: " + ", ".join(f"{r['image']} ({r['source']})" for r in report["images"]))
+    return 0
+
+
+def _if_label_dataset(args: argparse.Namespace) -> int:
+    from cytoken.pipeline.classifier import save_embedding_set
+    from cytoken.pipeline.if_dataset import build_if_label_set
+    from cytoken.types import CytokenError
+
+    if not args.if_labels or not args.cells:
+        raise CytokenError("--if-labels and --cells go together (one segment output per label table)")
+    cells, report = build_if_label_set(args.if_labels, args.cells)
+    save_embedding_set(cells, args.out, model_sha256=report["model_sha256"], report=report)
+    counts = {n: int((cells.labels == i).sum()) for i, n in enumerate(cells.class_names)}
+    print(f"{len(cells.labels)} IF-labelled cells from {len(args.cells)} segment output(s) of model "
+          f"{report['model']!r}: {counts} -> {args.out}")  # fmt: skip
     return 0
 
 
