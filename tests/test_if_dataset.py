@@ -54,7 +54,7 @@ def test_mismatches_are_refused(tmp_path: Path) -> None:
         build_if_label_set([la, other_marker], [tmp_path / "a", tmp_path / "c"])
     with pytest.raises(CytokenError, match="one segment output per IF label table"):
         build_if_label_set([la], [tmp_path / "a", tmp_path / "c"])
-    with pytest.raises(CytokenError, match="not a `cytoken segment` output folder"):
+    with pytest.raises(CytokenError, match="not a cytoken segment output"):
         build_if_label_set([la], [tmp_path])
     with pytest.raises(CytokenError, match="not found"):
         build_if_label_set([tmp_path / "none.parquet"], [tmp_path / "a"])

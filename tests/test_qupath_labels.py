@@ -256,4 +256,4 @@ def test_cli_errors_for_bad_label_files(crop_folders: dict[str, Path], tmp_path:
         err = capsys.readouterr().err
         assert str(root / "labels" / name) in err and re.search(pattern, err), err
     assert main(["classifier", "dataset", "--out", str(tmp_path / "x.npz")]) == 2
-    assert "either --dataset" in capsys.readouterr().err
+    assert "give one of: --dataset NAME --data-root DIR; --slide FILE" in capsys.readouterr().err

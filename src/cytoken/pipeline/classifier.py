@@ -430,11 +430,12 @@ def load_embedding_set(path: Path) -> tuple[LabelledCells, dict[str, Any]]:
     return cells, meta
 
 
-def read_output_cells(folder: Path) -> tuple[CellSet, dict[str, Any]]:
-    """The cells of a ``cytoken segment`` output folder (from ``cells.parquet`` + ``embeddings.npy``)."""
-    import pyarrow.parquet as pq
-    import shapely
+def segment_output_files(folder: str | Path) -> tuple[Path, Path, Path]:
+    """``run.json``, ``cells.parquet`` and ``embeddings.npy`` of a ``cytoken segment`` output folder.
 
+    Raises:
+        CytokenError: one of them is missing (the message names it).
+    """
     folder = Path(folder)
     run_f, pq_f, emb_f = folder / "run.json", folder / "cells.parquet", folder / "embeddings.npy"
     for f in (run_f, pq_f):
@@ -442,6 +443,15 @@ def read_output_cells(folder: Path) -> tuple[CellSet, dict[str, Any]]:
             raise CytokenError(f"{folder} is not a cytoken segment output: {f.name} is missing")
     if not emb_f.is_file():
         raise CytokenError(f"{folder} has no embeddings.npy (segmented with --embeddings none?)")
+    return run_f, pq_f, emb_f
+
+
+def read_output_cells(folder: Path) -> tuple[CellSet, dict[str, Any]]:
+    """The cells of a ``cytoken segment`` output folder (from ``cells.parquet`` + ``embeddings.npy``)."""
+    import pyarrow.parquet as pq
+    import shapely
+
+    run_f, pq_f, emb_f = segment_output_files(folder)
     run = json.loads(run_f.read_text())
     t = pq.read_table(pq_f)
     meta = t.schema.metadata or {}

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cytoken.classify.dataset import LabelledCells
-from cytoken.pipeline.classifier import _totals
+from cytoken.pipeline.classifier import _totals, segment_output_files
 from cytoken.types import CytokenError
 
 __all__ = ["build_if_label_set"]
@@ -57,12 +57,7 @@ def _read_output(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Cell ids, embeddings and ``run.json`` of a ``cytoken segment`` output folder."""
     import pyarrow.parquet as pq
 
-    run_f, cells_f, emb_f = folder / "run.json", folder / "cells.parquet", folder / "embeddings.npy"
-    for f in (run_f, cells_f):
-        if not f.is_file():
-            raise CytokenError(f"{folder} is not a `cytoken segment` output folder: {f.name} is missing")
-    if not emb_f.is_file():
-        raise CytokenError(f"{folder} has no embeddings.npy (segmented with --embeddings none?)")
+    run_f, cells_f, emb_f = segment_output_files(folder)
     ids = pq.read_table(cells_f, columns=["id"]).column("id").to_numpy().astype(np.int64)
     emb = np.load(emb_f)
     if len(emb) != len(ids):
