@@ -24,9 +24,13 @@ def _output(folder: Path, ids: list[int], sha: str = "a" * 64) -> np.ndarray:
     return emb
 
 
-def _labels(path: Path, ids: list[int], labels: list[int], kept: list[bool], marker: str = "CD3") -> Path:
-    pq.write_table(pa.table({"cell_id": np.array(ids, np.int64), "label": np.array(labels, np.int8),
-                             "kept": kept, "marker": [marker] * len(ids)}), path)  # fmt: skip
+def _labels(path: Path, ids: list[int], labels: list[int], kept: list[bool], marker: str = "CD3",
+            cells_sha256: str | None = None) -> Path:  # fmt: skip
+    table = pa.table({"cell_id": np.array(ids, np.int64), "label": np.array(labels, np.int8), "kept": kept,
+                      "marker": [marker] * len(ids)})  # fmt: skip
+    if cells_sha256 is not None:
+        table = table.replace_schema_metadata({b"cytoken.cells_sha256": cells_sha256.encode()})
+    pq.write_table(table, path)
     return path
 
 
@@ -58,3 +62,16 @@ def test_mismatches_are_refused(tmp_path: Path) -> None:
         build_if_label_set([la], [tmp_path])
     with pytest.raises(CytokenError, match="not found"):
         build_if_label_set([tmp_path / "none.parquet"], [tmp_path / "a"])
+
+
+def test_the_recorded_segment_output_must_match(tmp_path: Path) -> None:
+    from cytoken.weights import file_sha256
+
+    _output(tmp_path / "a", [1, 2])
+    _output(tmp_path / "b", [2, 1])  # same ids, other cells
+    linked = _labels(tmp_path / "l.parquet", [1, 2], [0, 1], [True, True],
+                     cells_sha256=file_sha256(tmp_path / "a" / "cells.parquet"))  # fmt: skip
+    cells, _ = build_if_label_set([linked], [tmp_path / "a"])
+    assert len(cells.labels) == 2
+    with pytest.raises(CytokenError, match="another segment output than"):
+        build_if_label_set([linked], [tmp_path / "b"])

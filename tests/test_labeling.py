@@ -502,8 +502,8 @@ def test_label_from_if_takes_a_segment_output_folder(tmp_path, capsys):
     from cytoken.pipeline.classifier import load_embedding_set
 
     labels_f = tmp_path / "out" / "labels.parquet"
-    assert main(["classifier", "dataset", "--if-labels", str(labels_f), "--cells", str(seg),
-                 "--out", str(tmp_path / "set.npz")]) == 0  # fmt: skip
+    assert main(["classifier", "dataset", "--if-labels", str(tmp_path / "out"), "--cells", str(seg),
+                 "--out", str(tmp_path / "set.npz")]) == 0  # the label-from-if folder; its labels.parquet is read
     lab, meta = load_embedding_set(tmp_path / "set.npz")
     rows = table[table["kept"]]
     assert lab.class_names == ("MARKER-", "MARKER+") and len(lab.labels) == len(rows)
@@ -519,8 +519,13 @@ def test_label_from_if_takes_a_segment_output_folder(tmp_path, capsys):
     bad = bad.assign(kept=True)
     pq.write_table(pa.Table.from_pandas(bad, preserve_index=False), tmp_path / "bad.parquet")
     pq.write_table(pa.table({"cell_id": [1]}), tmp_path / "nocols.parquet")
+    # a table paired with another segment output (same small ids) is refused, not silently joined
+    he2, *_ = _load(PROOF_TILES[1])
+    Image.fromarray(he2).save(tmp_path / "he2.png")
+    assert main(["segment", str(tmp_path / "he2.png"), "--mpp", str(HE_MPP), "--out", str(tmp_path / "seg")]) == 0
     capsys.readouterr()
     for extra, message in (
+        (["--if-labels", str(labels_f), "--cells", str(tmp_path / "seg" / "he2")], "another segment output"),
         (["--if-labels", str(tmp_path / "bad.parquet"), "--cells", str(seg)], "cell ids (e.g. [1000000000])"),
         (["--if-labels", str(tmp_path / "nocols.parquet"), "--cells", str(seg)], "['label', 'kept', 'marker']"),
         (["--if-labels", str(labels_f)], "--if-labels and --cells go together"),

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--class-names", default=None, help="QuPath labels: classes in this order, comma-separated "
                    "(default: every class found, sorted)")  # fmt: skip
     d.add_argument("--if-labels", type=Path, nargs="+", default=None,
-                   help="labels.parquet (or .csv) files written by `cytoken label-from-if`")  # fmt: skip
+                   help="`cytoken label-from-if` output folders, or their labels.parquet (or .csv) files")  # fmt: skip
     d.add_argument("--cells", type=Path, nargs="+", default=None,
                    help="with --if-labels: the `cytoken segment` output folder (DIR/<stem>) each table was "
                    "computed on (its --cells), in the same order")  # fmt: skip

@@ -175,8 +175,13 @@ def run(args: argparse.Namespace) -> int:
             "signal": result.marker.stats,
             "quality": str(result.registration.quality),
         }
+    link = None
+    if args.cells is not None and args.cells.is_dir():  # which segment output the labels refer to (for the join)
+        from cytoken.weights import file_sha256
+
+        link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
     with atomic_dir(args.out) as tmp:
-        write_outputs(result, he.array, tmp)
+        write_outputs(result, he.array, tmp, label_metadata=link)
         counts = result.labels.counts()
         summary = {"counts": counts, "marker": args.marker, **extra}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

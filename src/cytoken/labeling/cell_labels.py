@@ -132,8 +132,12 @@ class CellLabels:
         }
         return table.replace_schema_metadata(meta)
 
-    def write(self, path: str | Path) -> Path:
-        """Write the table as Parquet (``.parquet``) or CSV (``.csv``), atomically (temporary file + rename)."""
+    def write(self, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+        """Write the table as Parquet (``.parquet``) or CSV (``.csv``), atomically (temporary file + rename).
+
+        ``metadata`` (e.g. which cells the labels refer to) is added to the Parquet schema metadata under
+        ``cytoken.<key>``; CSV has no place for it.
+        """
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
 
@@ -143,7 +147,9 @@ class CellLabels:
             raise ValueError(f"CellLabels.write: use a .parquet or .csv path, got {path.name!r}")
         with atomic_path(path) as tmp:
             if suffix == ".parquet":
-                pq.write_table(self.to_arrow(), tmp)
+                table = self.to_arrow()
+                extra = {f"cytoken.{k}".encode(): str(v).encode() for k, v in (metadata or {}).items()}
+                pq.write_table(table.replace_schema_metadata({**table.schema.metadata, **extra}), tmp)
             else:
                 pacsv.write_csv(self.to_arrow(), tmp)
         return path

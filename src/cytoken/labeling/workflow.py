@@ -112,7 +112,13 @@ def label_from_if(
     )
 
 
-def write_outputs(result: IFLabelResult | SlideLabelResult, he_rgb: np.ndarray, out_dir: str | Path) -> dict[str, Path]:
+def write_outputs(
+    result: IFLabelResult | SlideLabelResult,
+    he_rgb: np.ndarray,
+    out_dir: str | Path,
+    *,
+    label_metadata: dict[str, str] | None = None,
+) -> dict[str, Path]:
     """Write ``registration.json``, ``marker_mask.png``, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
 
     For a :class:`~cytoken.labeling.slide.SlideLabelResult` the registration file holds the tiled registration and
@@ -122,6 +128,8 @@ def write_outputs(result: IFLabelResult | SlideLabelResult, he_rgb: np.ndarray, 
         result: the output of :func:`label_from_if` or :func:`~cytoken.labeling.slide.label_from_if_slide`.
         he_rgb: the H&E the labels were computed on (for the QC overlay).
         out_dir: folder to write into (created if missing).
+        label_metadata: extra entries for ``labels.parquet``'s metadata (see :meth:`CellLabels.write`), e.g. the
+            segment output the cells came from.
 
     Returns:
         Name -> path of each file written.
@@ -138,7 +146,7 @@ def write_outputs(result: IFLabelResult | SlideLabelResult, he_rgb: np.ndarray, 
     return {
         "registration": result.registration.save(out / "registration.json"),
         "mask": save_mask_png(mask, out / "marker_mask.png"),
-        "labels_parquet": result.labels.write(out / "labels.parquet"),
+        "labels_parquet": result.labels.write(out / "labels.parquet", metadata=label_metadata),
         "labels_csv": result.labels.write(out / "labels.csv"),
         "qc": qc,
     }

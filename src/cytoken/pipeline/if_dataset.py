@@ -6,7 +6,9 @@ writes ``labels.parquet`` keyed by the same cell ids), then train a classifier o
 embeddings. :func:`build_if_label_set` does the join: only the rows the labelling kept (status ``positive`` or
 ``negative``; ambiguous and uncovered cells are left out) become examples, class 0 = marker-negative,
 1 = marker-positive, group = the segment output's folder name (so a split never puts one image on both sides).
-The model is not run.
+The model is not run. Every segment output numbers its cells from 1, so ids alone cannot catch a table paired with
+the wrong output: ``label-from-if --cells`` records the sha256 of the ``cells.parquet`` it read in the table's
+metadata, and the join refuses an output whose file differs.
 
 Example:
     >>> cells, report = build_if_label_set(["if/labels.parquet"], ["seg/slide1"])  # doctest: +SKIP
@@ -32,12 +34,14 @@ __all__ = ["build_if_label_set"]
 _COLUMNS = ("cell_id", "label", "kept", "marker")
 
 
-def _read_table(path: Path) -> dict[str, np.ndarray]:
-    """The columns of a label table (``.parquet`` or ``.csv``) that the join needs."""
+def _read_table(path: Path) -> tuple[dict[str, np.ndarray], dict[bytes, bytes]]:
+    """The columns of a label table (``.parquet`` or ``.csv``) that the join needs, and its metadata."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    if path.is_dir():  # a `label-from-if --out` folder
+        path = path / "labels.parquet"
     if not path.is_file():
         raise CytokenError(f"IF label table not found: {path}")
     try:
@@ -50,14 +54,25 @@ def _read_table(path: Path) -> dict[str, np.ndarray]:
             f"{path} is not a `cytoken label-from-if` label table: columns {missing} are missing "
             f"(it has {table.column_names})"
         )
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, table.schema.metadata or {}
 
 
-def _read_output(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Cell ids, embeddings and ``run.json`` of a ``cytoken segment`` output folder."""
+def _read_output(folder: Path, cells_sha256: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Cell ids, embeddings and ``run.json`` of a ``cytoken segment`` output folder.
+
+    ``cells_sha256`` (recorded by ``label-from-if --cells``) must match its ``cells.parquet`` when given: cell ids
+    alone cannot tell two outputs apart (every output numbers its cells from 1).
+    """
     import pyarrow.parquet as pq
 
+    from cytoken.weights import file_sha256
+
     run_f, cells_f, emb_f = segment_output_files(folder)
+    if cells_sha256 is not None and file_sha256(cells_f) != cells_sha256:
+        raise CytokenError(
+            f"the labels were computed on another segment output than {folder} (its cells.parquet differs from the "
+            "one `label-from-if --cells` read); pass the folder that was given there"
+        )
     ids = pq.read_table(cells_f, columns=["id"]).column("id").to_numpy().astype(np.int64)
     emb = np.load(emb_f)
     if len(emb) != len(ids):
@@ -71,7 +86,8 @@ def build_if_label_set(
     """Join IF label tables to the stored embeddings of the segment outputs they were computed on.
 
     Args:
-        label_files: ``labels.parquet`` (or ``labels.csv``) files written by ``cytoken label-from-if``.
+        label_files: ``labels.parquet`` (or ``labels.csv``) files written by ``cytoken label-from-if``, or its
+            output folders (their ``labels.parquet`` is read).
         outputs: for each label file, in the same order, the ``cytoken segment`` output folder (``DIR/<stem>``)
             that was passed to ``label-from-if --cells``.
 
@@ -82,8 +98,9 @@ def build_if_label_set(
 
     Raises:
         CytokenError: unequal numbers of files, a missing or malformed file (named), label tables of different
-            markers, outputs of different models, repeated output names, or a labelled cell id that the output
-            does not hold (the table was computed on other cells).
+            markers, outputs of different models, repeated output names, a table that records another segment
+            output (``label-from-if --cells`` stores the sha256 of the ``cells.parquet`` it read), or a labelled
+            cell id that the output does not hold.
     """
     label_paths, out_paths = [Path(p) for p in label_files], [Path(p) for p in outputs]
     if not label_paths or len(label_paths) != len(out_paths):
@@ -97,8 +114,9 @@ def build_if_label_set(
     markers: set[str] = set()
     models: dict[str, str] = {}
     for lp, op in zip(label_paths, out_paths):
-        table = _read_table(lp)
-        ids, emb, run = _read_output(op)
+        table, meta = _read_table(lp)
+        link = meta.get(b"cytoken.cells_sha256")
+        ids, emb, run = _read_output(op, None if link is None else link.decode())
         model = run.get("model", {})
         models[str(model.get("sha256"))] = str(model.get("name"))
         markers.update(str(m) for m in np.unique(table["marker"]))
