@@ -224,8 +224,6 @@ def _import_output(
     folder: Path, slide: Path, dims: tuple[int, int], info: ModelInfo, embeddings: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Ids, centroids and embeddings of a ``cytoken segment`` output, checked against the slide and model."""
-    import pyarrow.parquet as pq
-
     raw = (folder / "run.json").read_bytes()
     run = json.loads(raw)
     sha = run.get("model", {}).get("sha256")
@@ -244,12 +242,7 @@ def _import_output(
     size = run.get("slide_dimensions") or run.get("image_size")
     if size is not None and tuple(int(v) for v in size) != tuple(dims):
         raise CytokenError(f"{folder} was made from a {size[0]}x{size[1]} image, but {slide} is {dims[0]}x{dims[1]}")
-    if not (folder / "embeddings.npy").is_file():
-        raise CytokenError(f"{folder} has no embeddings.npy (segmented with --embeddings none?)")
-    table = pq.read_table(folder / "cells.parquet", columns=["id", "x", "y"])
-    emb = np.load(folder / "embeddings.npy")
-    if len(emb) != table.num_rows:
-        raise CytokenError(f"{folder}: embeddings.npy has {len(emb)} rows but cells.parquet {table.num_rows}")
+    table, emb = read_output_columns(folder, ["id", "x", "y"])
     ids = table.column("id").to_numpy().astype(np.int64)
     xy = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1).astype(np.float64)
     meta = {"source": str(folder), "source_sig": hashlib.sha256(raw).hexdigest()[:16], "roi": run.get("roi"),
@@ -444,6 +437,22 @@ def segment_output_files(folder: str | Path) -> tuple[Path, Path, Path]:
     if not emb_f.is_file():
         raise CytokenError(f"{folder} has no embeddings.npy (segmented with --embeddings none?)")
     return run_f, pq_f, emb_f
+
+
+def read_output_columns(folder: str | Path, columns: Sequence[str]) -> tuple[Any, np.ndarray]:
+    """``columns`` of a segment output's ``cells.parquet`` (a pyarrow Table) and its ``embeddings.npy``.
+
+    Raises:
+        CytokenError: a file is missing, or the two do not have one row per cell.
+    """
+    import pyarrow.parquet as pq
+
+    _, pq_f, emb_f = segment_output_files(folder)
+    table = pq.read_table(pq_f, columns=list(columns))
+    emb = np.load(emb_f)
+    if len(emb) != table.num_rows:
+        raise CytokenError(f"{folder}: embeddings.npy has {len(emb)} rows but cells.parquet {table.num_rows}")
+    return table, emb
 
 
 def read_output_cells(folder: Path) -> tuple[CellSet, dict[str, Any]]:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cytoken.classify.dataset import LabelledCells
-from cytoken.pipeline.classifier import _totals, segment_output_files
+from cytoken.pipeline.classifier import _totals, read_output_columns, segment_output_files
 from cytoken.types import CytokenError
 
 __all__ = ["build_if_label_set"]
@@ -63,21 +63,16 @@ def _read_output(folder: Path, cells_sha256: str | None) -> tuple[np.ndarray, np
     ``cells_sha256`` (recorded by ``label-from-if --cells``) must match its ``cells.parquet`` when given: cell ids
     alone cannot tell two outputs apart (every output numbers its cells from 1).
     """
-    import pyarrow.parquet as pq
-
     from cytoken.weights import file_sha256
 
-    run_f, cells_f, emb_f = segment_output_files(folder)
+    run_f, cells_f, _ = segment_output_files(folder)
     if cells_sha256 is not None and file_sha256(cells_f) != cells_sha256:
         raise CytokenError(
             f"the labels were computed on another segment output than {folder} (its cells.parquet differs from the "
             "one `label-from-if --cells` read); pass the folder that was given there"
         )
-    ids = pq.read_table(cells_f, columns=["id"]).column("id").to_numpy().astype(np.int64)
-    emb = np.load(emb_f)
-    if len(emb) != len(ids):
-        raise CytokenError(f"{folder}: embeddings.npy has {len(emb)} rows but cells.parquet {len(ids)}")
-    return ids, emb, json.loads(run_f.read_text())
+    table, emb = read_output_columns(folder, ["id"])
+    return table.column("id").to_numpy().astype(np.int64), emb, json.loads(run_f.read_text())
 
 
 def build_if_label_set(
