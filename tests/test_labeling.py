@@ -533,3 +533,40 @@ def test_label_from_if_takes_a_segment_output_folder(tmp_path, capsys):
         assert main(["classifier", "dataset", *extra, "--out", str(tmp_path / "bad.npz")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad.npz").exists()
+
+
+@needs_shared
+def test_label_from_if_without_cells_keeps_the_segment_output_it_labelled(tmp_path):
+    """No ``--cells``: the H&E is segmented (default model) into OUT/segmentation/<stem>/, a full ``cytoken
+    segment`` output, its cells are labelled, and ``classifier dataset --if-labels OUT --cells`` that folder joins."""
+    import pyarrow.parquet as pq
+
+    from cytoken.cli.main import main
+    from cytoken.io.ifimage import write_ome_tiff
+    from cytoken.pipeline.classifier import load_embedding_set
+    from cytoken.weights import file_sha256
+
+    he, inst, ids, truth = _load(PROOF_TILES[0])
+    synth = synthesize_if(inst, ids[truth], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=0)
+    Image.fromarray(he).save(tmp_path / "he.png")
+    write_ome_tiff(synth.image, tmp_path / "if.ome.tif")
+    out = tmp_path / "out"
+    argv = ["label-from-if", "--he", str(tmp_path / "he.png"), "--he-mpp", str(HE_MPP), "--if",
+            str(tmp_path / "if.ome.tif"), "--marker", "MARKER", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    seg = out / "segmentation" / "he"
+    for f in ("cells.parquet", "cells.geojson", "embeddings.npy", "run.json"):
+        assert (seg / f).is_file(), f
+    table = pq.read_table(out / "labels.parquet")
+    assert table.schema.metadata[b"cytoken.cells_sha256"].decode() == file_sha256(seg / "cells.parquet")
+    cells = pq.read_table(seg / "cells.parquet").to_pandas()
+    labels = table.to_pandas()
+    assert sorted(labels["cell_id"]) == sorted(cells["id"]) and labels["kept"].sum() > 50
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"]["cells_output"] == str(seg)
+    assert main(["classifier", "dataset", "--if-labels", str(out), "--cells", str(seg),
+                 "--out", str(tmp_path / "set.npz")]) == 0  # fmt: skip
+    lab, _ = load_embedding_set(tmp_path / "set.npz")
+    kept = labels[labels["kept"]]
+    assert len(lab.labels) == len(kept)
+    np.testing.assert_array_equal(lab.labels, kept["label"].to_numpy())

@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "An image larger than --tile-px on a side is handled as a slide: registered tile by tile (overview, then "
         "per-tile refinement) and thresholded with ONE threshold for the whole slide, computed from a pooled "
         "histogram of the marker signal of all tiles (bounded memory). "
-        "Writes registration.json, marker_mask.png, labels.parquet, labels.csv, qc.png and summary.json.",
+        "Writes registration.json, marker_mask.png, labels.parquet, labels.csv, qc.png and summary.json; "
+        "without --cells also segmentation/<H&E stem>/, the `cytoken segment` output whose cells were labelled.",
     )
     p.add_argument("--he", required=True, type=Path, help="H&E image (PNG/JPEG/TIFF)")
     p.add_argument("--if", dest="if_path", required=True, type=Path, help="IF image (OME-TIFF, qptiff, TIFF/PNG)")
@@ -43,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="the H&E cells: an instance-map image (PNG/TIFF) or a `cytoken segment` output folder "
-        "(cells.parquet); else the image is segmented",
+        "(cells.parquet); else the H&E is segmented with --model and the full segment output is kept in "
+        "OUT/segmentation/<H&E stem>/ (the --cells folder for `classifier dataset --if-labels OUT`)",
     )
     p.add_argument("--model", default="cytoken-default", help="segmentation model when --cells is not given")
     p.add_argument(
@@ -119,6 +121,22 @@ def _read_cells(path: Path, shape: tuple[int, int]):
     return cells
 
 
+def _segment(args: argparse.Namespace, dest: Path, slide: bool) -> Path:
+    """Segment the H&E as ``cytoken segment`` does (its defaults and the model's classifier) into ``dest/<stem>/``."""
+    from cytoken.cli._common import cell_classifier
+    from cytoken.pipeline.image import SegmentConfig
+    from cytoken.pipeline.predictor import Predictor
+    from cytoken.pipeline.run import segment_image_file, segment_slide_file
+
+    model, info = load_model_or_fail(args.model)
+    config = SegmentConfig()
+    predictor = Predictor(model, config.device)
+    bundle = cell_classifier(None, info, model, embeddings=config.embeddings)
+    runner = segment_slide_file if slide else segment_image_file  # a slide is streamed, an image read whole
+    runner(args.he, dest, predictor, info, config, mpp=args.he_mpp, progress=False, classifier=bundle)
+    return dest / args.he.stem
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute the command."""
     from cytoken.io.atomic import atomic_dir
@@ -129,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from cytoken.labeling.slide import label_from_if_slide
     from cytoken.labeling.tiled import TiledRegistration, read_registration
     from cytoken.labeling.workflow import label_from_if, write_outputs
+    from cytoken.weights import file_sha256
 
     he = read_image(args.he, args.he_mpp)
     ifimg = read_if(args.if_path, mpp=args.if_mpp)
@@ -139,51 +158,54 @@ def run(args: argparse.Namespace) -> int:
     rcfg = RegistrationConfig(nuclear_channel=args.nuclear_channel)
     reg = read_registration(args.registration) if args.registration else None
     shape = he.array.shape[:2]
-    if args.cells is not None:
-        cells = _read_cells(args.cells, shape)
-    else:
-        from cytoken.pipeline import Predictor, segment_image_with_labels
-
-        model, _ = load_model_or_fail(args.model)
-        _, cells = segment_image_with_labels(he.array, Predictor(model), he.mpp)  # type: ignore[arg-type]
     slide = isinstance(reg, TiledRegistration) or (reg is None and max(shape) > args.tile_px)
-    if slide:
-        result = label_from_if_slide(
-            he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
-            tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
-            failed_tiles=args.failed_tiles,
-        )  # fmt: skip
-        extra = {
-            "mode": "slide",
-            "threshold": result.threshold,
-            "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
-            "signal": result.stats,
-            "tiles": [
-                {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
-                for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
-            ],
-            "overview_quality": str(result.registration.overview.quality),
-        }
-    else:
-        result = label_from_if(
-            he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
-            registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
-        )  # fmt: skip
-        extra = {
-            "mode": "image",
-            "threshold": result.marker.threshold,
-            "signal": result.marker.stats,
-            "quality": str(result.registration.quality),
-        }
-    link = None
-    if args.cells is not None and args.cells.is_dir():  # which segment output the labels refer to (for the join)
-        from cytoken.weights import file_sha256
+    cells = None if args.cells is None else _read_cells(args.cells, shape)
+    with atomic_dir(args.out) as tmp:  # nothing is left behind when any step fails
+        link = None  # which segment output the labels refer to (for the `classifier dataset --if-labels` join)
+        if args.cells is None:
+            from cytoken.pipeline.classifier import read_output_cells
 
-        link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
-    with atomic_dir(args.out) as tmp:
+            seg = _segment(args, tmp / "segmentation", slide)
+            cells, _ = read_output_cells(seg)
+            link = {
+                "cells_output": str(args.out / "segmentation" / seg.name),
+                "cells_sha256": file_sha256(seg / "cells.parquet"),
+            }
+        elif args.cells.is_dir():
+            link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
+        if slide:
+            result = label_from_if_slide(
+                he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+                tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
+                failed_tiles=args.failed_tiles,
+            )  # fmt: skip
+            extra = {
+                "mode": "slide",
+                "threshold": result.threshold,
+                "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
+                "signal": result.stats,
+                "tiles": [
+                    {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
+                    for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
+                ],
+                "overview_quality": str(result.registration.overview.quality),
+            }
+        else:
+            result = label_from_if(
+                he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+                registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
+            )  # fmt: skip
+            extra = {
+                "mode": "image",
+                "threshold": result.marker.threshold,
+                "signal": result.marker.stats,
+                "quality": str(result.registration.quality),
+            }
         write_outputs(result, he.array, tmp, label_metadata=link)
         counts = result.labels.counts()
         summary = {"counts": counts, "marker": args.marker, **extra}
+        if link is not None:
+            summary["cells"] = link
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     mode = f"slide mode, {len(extra['tiles'])} tiles, one threshold" if slide else "image mode"
     print(f"{args.he.name} ({mode}, threshold {extra['threshold']:.4g}): {counts} -> {args.out}")
