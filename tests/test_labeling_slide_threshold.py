@@ -268,6 +268,74 @@ def test_command_uses_one_threshold_for_the_slide(slide, tmp_path):
     assert summary["counts"] == slide["res"].labels.counts()
     table = pq.read_table(tmp_path / "out" / "labels.parquet")
     assert table.num_rows == len(slide["ids"])
-    for f in ("registration.json", "marker_mask.png", "labels.csv", "qc.png"):
+    for f in ("registration.json", "marker_mask.tif", "labels.csv", "qc.png"):
         assert (tmp_path / "out" / f).is_file(), f
     assert isinstance(read_registration(tmp_path / "out" / "registration.json"), TiledRegistration)
+
+
+@needs_shared
+def test_file_backed_slide_gives_the_labels_of_the_in_memory_slide(slide, tmp_path, monkeypatch):
+    """The slide read from files (H&E through open_slide tile by tile, IF and cells crop by crop, the mask written
+    tile by tile to a tiled TIFF) labels exactly as the same slide in memory; the command runs that path, past the
+    single-image reader's size cap."""
+    import json
+
+    import tifffile
+
+    import cytoken.io.image as image_io
+    from cytoken.cli.main import main
+    from cytoken.io.ifimage import write_ome_tiff
+    from cytoken.io.ifreader import open_if
+    from cytoken.io.slide import open_slide
+
+    tifffile.imwrite(tmp_path / "he.tif", slide["he"], tile=(128, 128), photometric="rgb")
+    tifffile.imwrite(tmp_path / "cells.tif", slide["inst"].astype(np.int32), tile=(128, 128))
+    write_ome_tiff(slide["synth"].image, tmp_path / "if.ome.tif")
+    mem, cfg = slide["res"], RegistrationConfig(threads=1)
+    with (
+        open_slide(tmp_path / "he.tif", mpp=HE_MPP) as he,
+        open_if(tmp_path / "if.ome.tif") as ifr,
+        open_if(tmp_path / "cells.tif", mpp=HE_MPP) as cells,
+    ):
+        # the registration from downsampled and windowed reads of the files: the same overview; the tile
+        # refinements agree up to ITK's run-to-run jitter (two in-memory fits differ as much)
+        tr = register_tiled(he, ifr, he_mpp=HE_MPP, tile_px=256, overview_mpp=1.0, config=cfg)
+        pts = np.array([[10.0, 20.0], [200.0, 100.0]])
+        ref = mem.registration
+        np.testing.assert_allclose(tr.overview.transform_points(pts), ref.overview.transform_points(pts))
+        assert tr.overview.he_mpp == HE_MPP and tr.he_shape == ref.he_shape and tr.tiles == ref.tiles
+        for i in range(len(tr.tiles)):
+            np.testing.assert_allclose(tr.for_tile(i).transform_points(pts), ref.for_tile(i).transform_points(pts),
+                                       atol=0.5)  # fmt: skip
+        # with the same registration, the labels, the threshold and the mask are those of the in-memory slide
+        disk = label_from_if_slide(he, ifr, cells, he_mpp=HE_MPP, marker="MARKER", registration=ref,
+                                   threshold_config=SIGNAL, mask_path=tmp_path / "mask.tif")  # fmt: skip
+    assert disk.mask is None and disk.overlap is None and disk.mask_path == tmp_path / "mask.tif"
+    assert disk.threshold == mem.threshold
+    np.testing.assert_array_equal(disk.labels.ids, mem.labels.ids)
+    np.testing.assert_array_equal(disk.labels.status, mem.labels.status)
+    np.testing.assert_array_equal(disk.labels.overlap_fraction, mem.labels.overlap_fraction)
+    with tifffile.TiffFile(tmp_path / "mask.tif") as tf:
+        assert tf.pages[0].is_tiled and tf.pages[0].tilewidth == 256
+        np.testing.assert_array_equal(tf.asarray() > 0, mem.mask)
+    assert disk.stats["valid_px"] == mem.overlap.sum() and disk.stats["positive_px"] == mem.mask.sum()
+    assert (disk.labels.label[disk.labels.kept] == 1).sum() > 80  # the positive field is found (97 of its cells)
+
+    # the command, with a single-image size cap the H&E exceeds: slide mode reads it tile by tile
+    monkeypatch.setattr(image_io, "_max_pixels", lambda: 100_000)
+    out = tmp_path / "out"
+    argv = ["label-from-if", "--he", str(tmp_path / "he.tif"), "--he-mpp", str(HE_MPP), "--if",
+            str(tmp_path / "if.ome.tif"), "--marker", "MARKER", "--cells", str(tmp_path / "cells.tif"),
+            "--tile-px", "256", "--background", "tophat:40", "--smooth-px", "1", "--min-object-px", "20",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "slide" and len(summary["tiles"]) == 3
+    assert set(p.name for p in out.iterdir()) == {
+        "registration.json", "marker_mask.tif", "labels.parquet", "labels.csv", "qc.png", "summary.json"
+    }  # fmt: skip
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "labels.parquet").to_pandas().set_index("cell_id").loc[mem.labels.ids]
+    assert (table["status"].to_numpy() == mem.labels.status).mean() > 0.97  # its own (multi-threaded) registration
+    assert Image.open(out / "qc.png").size == (768, 256)

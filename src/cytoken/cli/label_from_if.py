@@ -100,8 +100,11 @@ def _threshold_config(text: str, background: str = "none", smooth_px: float = 0.
         raise CytokenError(f"--threshold {text!r}: use otsu, triangle, percentile:P or a number") from None
 
 
-def _read_cells(path: Path, shape: tuple[int, int]):
-    """An instance-map image as an (H, W) int64 array, or the CellSet of a `cytoken segment` output folder."""
+def _read_cells(path: Path, shape: tuple[int, int], slide: bool = False):
+    """The cells given by ``--cells``: the CellSet of a `cytoken segment` output folder, else an instance map.
+
+    In slide mode the map is opened for reading tile by tile (TIFF; other formats are read whole).
+    """
     import numpy as np
     from PIL import Image
 
@@ -112,6 +115,14 @@ def _read_cells(path: Path, shape: tuple[int, int]):
 
         cells, _ = read_output_cells(path)
         return cells
+    if slide:
+        from cytoken.io.ifreader import open_if
+
+        reader = open_if(path, mpp=1.0)  # pixels only: an instance map has no meaningful µm/px
+        if reader.shape != shape:
+            reader.close()
+            raise CytokenError(f"--cells {path} is {reader.shape}, the H&E is {shape}")
+        return reader
     try:
         cells = np.array(Image.open(path)).astype(np.int64)
     except (OSError, ValueError) as exc:
@@ -119,6 +130,17 @@ def _read_cells(path: Path, shape: tuple[int, int]):
     if cells.shape != shape:
         raise CytokenError(f"--cells {path} is {cells.shape}, the H&E is {shape}")
     return cells
+
+
+def _he_is_large(path: Path, tile_px: int) -> bool:
+    """More than ``tile_px`` on a side, from the header; a file the image reader cannot size counts as a slide."""
+    from cytoken.io.image import read_image_size
+    from cytoken.types import CytokenError
+
+    try:
+        return max(read_image_size(path)) > tile_px
+    except CytokenError:
+        return True
 
 
 def _segment(args: argparse.Namespace, dest: Path, slide: bool) -> Path:
@@ -139,9 +161,9 @@ def _segment(args: argparse.Namespace, dest: Path, slide: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Execute the command."""
+    from contextlib import ExitStack
+
     from cytoken.io.atomic import atomic_dir
-    from cytoken.io.ifimage import read_if
-    from cytoken.io.image import read_image
     from cytoken.labeling.cell_labels import CellLabelConfig
     from cytoken.labeling.registration import RegistrationConfig
     from cytoken.labeling.slide import label_from_if_slide
@@ -149,64 +171,78 @@ def run(args: argparse.Namespace) -> int:
     from cytoken.labeling.workflow import label_from_if, write_outputs
     from cytoken.weights import file_sha256
 
-    he = read_image(args.he, args.he_mpp)
-    ifimg = read_if(args.if_path, mpp=args.if_mpp)
-    ifimg.index(args.marker)  # unknown marker: clear error listing the channels, before any work
-    ifimg.index(args.nuclear_channel)
     tcfg = _threshold_config(args.threshold, args.background, args.smooth_px, args.min_object_px)
     lcfg = CellLabelConfig(positive_fraction=args.overlap, negative_margin=args.negative_margin)
     rcfg = RegistrationConfig(nuclear_channel=args.nuclear_channel)
     reg = read_registration(args.registration) if args.registration else None
-    shape = he.array.shape[:2]
-    slide = isinstance(reg, TiledRegistration) or (reg is None and max(shape) > args.tile_px)
-    cells = None if args.cells is None else _read_cells(args.cells, shape)
-    with atomic_dir(args.out) as tmp:  # nothing is left behind when any step fails
-        link = None  # which segment output the labels refer to (for the `classifier dataset --if-labels` join)
-        if args.cells is None:
-            from cytoken.pipeline.classifier import read_output_cells
+    slide = isinstance(reg, TiledRegistration) or (reg is None and _he_is_large(args.he, args.tile_px))
+    with ExitStack() as stack:
+        if slide:  # read window by window: the H&E through open_slide, the IF crop by crop
+            from cytoken.io.ifreader import open_if
+            from cytoken.io.slide import open_slide
 
-            seg = _segment(args, tmp / "segmentation", slide)
-            cells, _ = read_output_cells(seg)
-            link = {
-                "cells_output": str(args.out / "segmentation" / seg.name),
-                "cells_sha256": file_sha256(seg / "cells.parquet"),
-            }
-        elif args.cells.is_dir():
-            link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
-        if slide:
-            result = label_from_if_slide(
-                he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
-                tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
-                failed_tiles=args.failed_tiles,
-            )  # fmt: skip
-            extra = {
-                "mode": "slide",
-                "threshold": result.threshold,
-                "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
-                "signal": result.stats,
-                "tiles": [
-                    {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
-                    for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
-                ],
-                "overview_quality": str(result.registration.overview.quality),
-            }
+            he = stack.enter_context(open_slide(args.he, mpp=args.he_mpp))
+            ifimg = stack.enter_context(open_if(args.if_path, mpp=args.if_mpp))
+            he_mpp, shape = he.mpp, (he.dimensions[1], he.dimensions[0])
         else:
-            result = label_from_if(
-                he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
-                registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
-            )  # fmt: skip
-            extra = {
-                "mode": "image",
-                "threshold": result.marker.threshold,
-                "signal": result.marker.stats,
-                "quality": str(result.registration.quality),
-            }
-        write_outputs(result, he.array, tmp, label_metadata=link)
-        counts = result.labels.counts()
-        summary = {"counts": counts, "marker": args.marker, **extra}
-        if link is not None:
-            summary["cells"] = link
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            from cytoken.io.ifimage import read_if
+            from cytoken.io.image import read_image
+
+            loaded = read_image(args.he, args.he_mpp)
+            ifimg = read_if(args.if_path, mpp=args.if_mpp)
+            he, he_mpp, shape = loaded.array, loaded.mpp, loaded.array.shape[:2]
+        ifimg.index(args.marker)  # unknown marker: clear error listing the channels, before any work
+        ifimg.index(args.nuclear_channel)
+        cells = None if args.cells is None else _read_cells(args.cells, shape, slide)
+        if hasattr(cells, "close"):
+            stack.callback(cells.close)
+        with atomic_dir(args.out) as tmp:  # nothing is left behind when any step fails
+            link = None  # which segment output the labels refer to (for the `classifier dataset --if-labels` join)
+            if args.cells is None:
+                from cytoken.pipeline.classifier import read_output_cells
+
+                seg = _segment(args, tmp / "segmentation", slide)
+                cells, _ = read_output_cells(seg)
+                link = {
+                    "cells_output": str(args.out / "segmentation" / seg.name),
+                    "cells_sha256": file_sha256(seg / "cells.parquet"),
+                }
+            elif args.cells.is_dir():
+                link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
+            if slide:
+                result = label_from_if_slide(
+                    he, ifimg, cells, he_mpp=he_mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+                    tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
+                    failed_tiles=args.failed_tiles, mask_path=tmp / "marker_mask.tif",
+                )  # fmt: skip
+                extra = {
+                    "mode": "slide",
+                    "threshold": result.threshold,
+                    "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
+                    "signal": result.stats,
+                    "tiles": [
+                        {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
+                        for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
+                    ],
+                    "overview_quality": str(result.registration.overview.quality),
+                }
+            else:
+                result = label_from_if(
+                    he, ifimg, cells, he_mpp=he_mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+                    registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
+                )  # fmt: skip
+                extra = {
+                    "mode": "image",
+                    "threshold": result.marker.threshold,
+                    "signal": result.marker.stats,
+                    "quality": str(result.registration.quality),
+                }
+            write_outputs(result, he, tmp, label_metadata=link)
+            counts = result.labels.counts()
+            summary = {"counts": counts, "marker": args.marker, **extra}
+            if link is not None:
+                summary["cells"] = link
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     mode = f"slide mode, {len(extra['tiles'])} tiles, one threshold" if slide else "image mode"
     print(f"{args.he.name} ({mode}, threshold {extra['threshold']:.4g}): {counts} -> {args.out}")
     return 0

@@ -56,6 +56,7 @@ __all__ = [
     "intensity_ranges",
     "match_channels",
     "read_if",
+    "tiff_channel_info",
     "to_unit",
     "write_ome_tiff",
 ]
@@ -301,6 +302,14 @@ def _as_cyx(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
 def _read_ome(tf: Any, path: Path) -> IFImage:
     series = tf.series[0]
     data = _as_cyx(series.asarray(), series.axes, path)
+    names, mpp = _ome_info(tf, path)
+    if len(names) != data.shape[0]:
+        names = [f"ch{i}" for i in range(data.shape[0])]
+    return IFImage(data=data, channel_names=tuple(names), mpp=mpp, path=path, meta={"format": "ome-tiff"})
+
+
+def _ome_info(tf: Any, path: Path) -> tuple[list[str], float | None]:
+    """Channel names and µm/px from the OME-XML (no pixel is decoded)."""
     root = ET.fromstring(tf.ome_metadata)
     pixels = next((el for el in root.iter() if _local(el.tag) == "Pixels"), None)
     names: list[str] = []
@@ -314,9 +323,45 @@ def _read_ome(tf: Any, path: Path) -> IFImage:
             if factor is None:
                 raise CytokenError(f"{path}: unsupported OME PhysicalSizeXUnit {unit!r}; allowed {sorted(_UNIT_TO_UM)}")
             mpp = float(size) * factor
-    if len(names) != data.shape[0]:
-        names = [f"ch{i}" for i in range(data.shape[0])]
-    return IFImage(data=data, channel_names=tuple(names), mpp=mpp, path=path, meta={"format": "ome-tiff"})
+    return names, mpp
+
+
+def tiff_channel_info(path: PathLike) -> tuple[tuple[str, ...] | None, float | None, str]:
+    """Channel names, µm/px and format of an IF TIFF as :func:`read_if` reports them, from the metadata only.
+
+    Args:
+        path: an OME-TIFF, QPTIFF or plain TIFF.
+
+    Returns:
+        ``(names, mpp, format)``: names None when the file does not name its channels (``read_if`` then uses
+        ``ch0, ch1, ...``), mpp None when it does not record it, format ``"ome-tiff"``, ``"qptiff"`` or ``"tiff"``.
+
+    Raises:
+        CytokenError: the file is missing or not a TIFF.
+
+    Example:
+        >>> tiff_channel_info("small_vectra.qptiff")  # doctest: +SKIP
+        (('DAPI', 'FITC', 'Cy3'), 0.4965..., 'qptiff')
+    """
+    import tifffile
+
+    path = Path(path)
+    if not path.exists():
+        raise CytokenError(f"IF image not found: {path}")
+    try:
+        tf = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises several types for non-TIFF input
+        raise CytokenError(f"cannot read {path} as TIFF: {exc}") from exc
+    with tf:
+        first = tf.series[0].pages[0]
+        desc = getattr(first, "description", "") or ""
+        if tf.is_ome and tf.ome_metadata:
+            names, mpp = _ome_info(tf, path)
+            return tuple(names) or None, mpp, "ome-tiff"
+        if "PerkinElmer-QPI-ImageDescription" in desc[:500]:
+            qnames, mpp = _qptiff_info(list(tf.series[0].pages))
+            return tuple(qnames), mpp, "qptiff"
+        return None, _mpp_from_tags(first), "tiff"
 
 
 def _local(tag: str) -> str:
@@ -335,14 +380,7 @@ def _read_qptiff(tf: Any, path: Path, channels: ChannelKey | Sequence[ChannelKey
     """Read series 0 of a PerkinElmer QPTIFF, decoding only the pages of the requested channels."""
     series = tf.series[0]
     pages = list(series.pages)
-    names: list[str] = []
-    xml0 = None
-    for i, page in enumerate(pages):
-        xml = _qpi_xml(page.description or "")
-        if i == 0:
-            xml0 = xml
-        name_el = xml.find("Name") if xml is not None else None
-        names.append(name_el.text.strip() if name_el is not None and name_el.text else f"ch{i}")
+    names, mpp = _qptiff_info(pages)
     if channels is None:
         wanted = list(range(len(pages)))
     else:
@@ -354,11 +392,6 @@ def _read_qptiff(tf: Any, path: Path, channels: ChannelKey | Sequence[ChannelKey
     planes = [decoded[i] for i in wanted]
     if any(p.ndim != 2 for p in planes):
         raise CytokenError(f"{path}: QPTIFF series 0 pages are not single-channel planes ({planes[0].shape})")
-    mpp = _mpp_from_tags(pages[0])
-    if mpp is None and xml0 is not None:
-        el = xml0.find(".//ScanResolution/PixelSizeMicrons")
-        if el is not None and el.text:
-            mpp = float(el.text)
     return IFImage(
         data=np.stack(planes),
         channel_names=tuple(names[i] for i in wanted),
@@ -366,6 +399,24 @@ def _read_qptiff(tf: Any, path: Path, channels: ChannelKey | Sequence[ChannelKey
         path=path,
         meta={"format": "qptiff", "all_channels": tuple(names), "_selected": channels is not None},
     )
+
+
+def _qptiff_info(pages: list[Any]) -> tuple[list[str], float | None]:
+    """Channel names (each page's PerkinElmer XML ``<Name>``) and µm/px (tags, else the XML) of a QPTIFF."""
+    names: list[str] = []
+    xml0 = None
+    for i, page in enumerate(pages):
+        xml = _qpi_xml(page.description or "")
+        if i == 0:
+            xml0 = xml
+        name_el = xml.find("Name") if xml is not None else None
+        names.append(name_el.text.strip() if name_el is not None and name_el.text else f"ch{i}")
+    mpp = _mpp_from_tags(pages[0])
+    if mpp is None and xml0 is not None:
+        el = xml0.find(".//ScanResolution/PixelSizeMicrons")
+        if el is not None and el.text:
+            mpp = float(el.text)
+    return names, mpp
 
 
 def _mpp_from_tags(page: Any) -> float | None:

@@ -41,6 +41,7 @@ from cytoken.labeling.threshold import (
     compute_threshold,
     marker_signal,
     save_mask_png,
+    save_mask_tiff,
     subtract_background,
     threshold_marker,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "register",
     "register_tiled",
     "save_mask_png",
+    "save_mask_tiff",
     "signal_range",
     "slide_qc",
     "slide_threshold",

@@ -30,23 +30,33 @@ __all__ = ["SignalHistogram", "signal_range"]
 COARSE_BINS = 256
 
 
-def signal_range(image: np.ndarray, config: ThresholdConfig | None = None) -> tuple[float, float]:
+def signal_range(image: np.ndarray | tuple[float, float], config: ThresholdConfig | None = None) -> tuple[float, float]:
     """The interval the marker signal of ``image`` can take after :func:`~cytoken.labeling.marker_signal`.
 
     Bilinear warping, filling, smoothing and background subtraction (clipped at 0) never leave it: ``[min, max]`` of
     the finite intensities without background subtraction, ``[0, max - min]`` with it.
 
+    Args:
+        image: the marker plane, or its ``(min, max)`` finite intensities when the plane is too large to hold
+            (e.g. from :meth:`~cytoken.io.ifreader.IFReader.value_range`).
+        config: the signal settings.
+
     Example:
         >>> signal_range(np.array([[10, 200]], np.uint8), ThresholdConfig(background="tophat"))
         (0.0, 190.0)
+        >>> signal_range((10.0, 200.0))
+        (10.0, 200.0)
     """
     cfg = config or ThresholdConfig()
-    img = np.asarray(image)
-    if np.issubdtype(img.dtype, np.floating):
-        finite = img[np.isfinite(img)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if isinstance(image, tuple):
+        lo, hi = float(image[0]), float(image[1])
     else:
-        lo, hi = float(img.min()), float(img.max())
+        img = np.asarray(image)
+        if np.issubdtype(img.dtype, np.floating):
+            finite = img[np.isfinite(img)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        else:
+            lo, hi = float(img.min()), float(img.max())
     if cfg.background != "none":
         lo, hi = 0.0, hi - lo
     if hi <= lo:

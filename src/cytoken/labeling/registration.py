@@ -45,7 +45,7 @@ from cytoken.labeling.quality import (
 from cytoken.labeling.regconfig import RegistrationConfig, import_sitk
 from cytoken.types import CytokenError, validate_mpp
 
-__all__ = ["Registration", "RegistrationConfig", "check_registration", "hematoxylin", "register"]
+__all__ = ["Registration", "RegistrationConfig", "check_registration", "fit_transform", "hematoxylin", "register"]
 
 _FORMAT = "cytoken.registration/1"
 
@@ -294,6 +294,68 @@ def check_registration(q: RegistrationQuality, config: RegistrationConfig | None
         )
 
 
+def fit_transform(
+    he_plane: np.ndarray,
+    he_plane_mpp: float,
+    he_origin_px: tuple[float, float],
+    if_plane: np.ndarray,
+    if_plane_mpp: float,
+    if_origin_px: tuple[float, float],
+    *,
+    config: RegistrationConfig,
+    he_mpp: float,
+    initial: Registration | None = None,
+) -> tuple[Any, RegistrationQuality]:
+    """The stages of :func:`register` on two single-channel planes of any µm/px (e.g. downsampled overviews).
+
+    Args:
+        he_plane: hematoxylin (:func:`hematoxylin`) of the H&E, or of a downsampled read of it.
+        he_plane_mpp: µm/px of ``he_plane``.
+        he_origin_px: centre of ``he_plane`` pixel (0, 0) in the full H&E's physical frame, in ``he_plane`` pixels
+            (``0.5 - 0.5 * he_mpp / he_plane_mpp`` for a plane binned from pixel (0, 0) of the full image).
+        if_plane: the nuclear IF channel (or a downsampled read of it).
+        if_plane_mpp: µm/px of ``if_plane``.
+        if_origin_px: as ``he_origin_px``, for the IF plane in the full IF's frame.
+        config: settings (``working_mpp`` None = the coarser of the two planes).
+        he_mpp: µm/px of the full H&E (the unit of the residuals in the quality report).
+        initial: a registration to start from (skips phase correlation).
+
+    Returns:
+        The SimpleITK transform (global H&E µm to global IF µm) and its quality report.
+
+    Raises:
+        CytokenError: the images do not overlap / did not align, or (``config.check``) the guard refused it.
+    """
+    sitk = import_sitk()
+    cfg = config
+    work = cfg.working_mpp or max(he_plane_mpp, if_plane_mpp)
+    fix_arr, fsp, forg = resample_to(normalise(he_plane), he_plane_mpp, work, he_origin_px)
+    mov_arr, msp, morg = resample_to(normalise(if_plane), if_plane_mpp, work, if_origin_px)
+    fixed = to_sitk(fix_arr, fsp, forg)
+    moving = to_sitk(mov_arr, msp, morg)
+
+    init = None if initial is None else initial.transform
+    try:
+        transform = run_linear(cfg, fixed, moving, init)
+    except RuntimeError as exc:  # ITK raises RuntimeError, e.g. when no sample maps into the moving image
+        msg = itk_message(exc)
+        raise CytokenError(f"registration failed (the images do not overlap or did not align): {msg}") from exc
+    deformable_error = None
+    if cfg.bspline_grid_um is not None:
+        # the B-spline stage only refines: when its optimiser steps out of the images (ITK raises), the linear
+        # result is kept and judged by the guard like any other, and the failure is recorded in the quality report
+        try:
+            transform = run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
+        except RuntimeError as exc:
+            deformable_error = itk_message(exc)
+    if not isinstance(transform, sitk.CompositeTransform):
+        transform = sitk.CompositeTransform([transform])
+    quality = replace(_quality(cfg, fixed, moving, transform, he_mpp), deformable_error=deformable_error)
+    if cfg.check:
+        check_registration(quality, cfg)
+    return transform, quality
+
+
 def register(
     he_rgb: np.ndarray,
     if_image: IFImage,
@@ -328,7 +390,7 @@ def register(
         >>> reg.warp_if_to_he(if_img).data.shape[1:] == he.shape[:2]  # doctest: +SKIP
         True
     """
-    sitk = import_sitk()
+    import_sitk()  # a clear error when SimpleITK is missing, before any work
     cfg = config or RegistrationConfig()
     he_mpp = validate_mpp(he_mpp, source="register(he_mpp=...)")
     if if_image.mpp is None:
@@ -338,32 +400,10 @@ def register(
     if he_rgb.ndim != 3 or he_rgb.shape[2] < 3 or he_rgb.shape[0] < 8 or he_rgb.shape[1] < 8:
         raise ValueError(f"register expects an (H, W, 3) RGB H&E image of at least 8 x 8, got {he_rgb.shape}")
     ch = if_image.index(cfg.nuclear_channel)
-    work = cfg.working_mpp or max(he_mpp, if_mpp)
-
-    fix_arr, fsp, forg = resample_to(normalise(hematoxylin(he_rgb)), he_mpp, work, he_origin_px)
-    mov_arr, msp, morg = resample_to(normalise(if_image.data[ch]), if_mpp, work, if_origin_px)
-    fixed = to_sitk(fix_arr, fsp, forg)
-    moving = to_sitk(mov_arr, msp, morg)
-
-    init = None if initial is None else initial.transform
-    try:
-        transform = run_linear(cfg, fixed, moving, init)
-    except RuntimeError as exc:  # ITK raises RuntimeError, e.g. when no sample maps into the moving image
-        msg = itk_message(exc)
-        raise CytokenError(f"registration failed (the images do not overlap or did not align): {msg}") from exc
-    deformable_error = None
-    if cfg.bspline_grid_um is not None:
-        # the B-spline stage only refines: when its optimiser steps out of the images (ITK raises), the linear
-        # result is kept and judged by the guard like any other, and the failure is recorded in the quality report
-        try:
-            transform = run_bspline(cfg, fixed, moving, transform, cfg.bspline_grid_um)
-        except RuntimeError as exc:
-            deformable_error = itk_message(exc)
-    if not isinstance(transform, sitk.CompositeTransform):
-        transform = sitk.CompositeTransform([transform])
-    quality = replace(_quality(cfg, fixed, moving, transform, he_mpp), deformable_error=deformable_error)
-    if cfg.check:
-        check_registration(quality, cfg)
+    transform, quality = fit_transform(
+        hematoxylin(he_rgb), he_mpp, he_origin_px, if_image.data[ch], if_mpp, if_origin_px, config=cfg,
+        he_mpp=he_mpp, initial=initial,
+    )  # fmt: skip
     return Registration(
         transform=transform,
         he_shape=(int(he_rgb.shape[0]), int(he_rgb.shape[1])),

@@ -20,6 +20,7 @@ raises :class:`~cytoken.types.CytokenError` with the signal statistics, rather t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,7 @@ __all__ = [
     "compute_threshold",
     "marker_signal",
     "save_mask_png",
+    "save_mask_tiff",
     "subtract_background",
     "threshold_marker",
 ]
@@ -308,5 +310,40 @@ def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
     if arr.ndim != 2:
         raise ValueError(f"save_mask_png expects a 2-D mask, got shape {arr.shape}")
     with atomic_path(path) as tmp:
-        Image.fromarray(np.where(arr.astype(bool), 255, 0).astype(np.uint8)).save(tmp, format="PNG")
+        Image.fromarray(arr.astype(bool).view(np.uint8) * np.uint8(255)).save(tmp, format="PNG")
+    return path
+
+
+def save_mask_tiff(
+    tiles: Iterable[np.ndarray], shape: tuple[int, int], tile: tuple[int, int], path: str | Path
+) -> Path:
+    """Write a boolean mask given tile by tile as a tiled, zlib-compressed 8-bit TIFF (0 / 255), atomically.
+
+    Only one tile is held at a time, so a slide-sized mask never is.
+
+    Args:
+        tiles: the (h, w) bool tiles of a ``tile`` grid over ``shape``, row by row (edge tiles smaller).
+        shape: (H, W) of the mask.
+        tile: (rows, columns) of the TIFF tiles, multiples of 16.
+        path: the file.
+
+    Raises:
+        ValueError: a tile size that is not a positive multiple of 16.
+
+    Example:
+        >>> m = np.eye(40, dtype=bool)
+        >>> p = save_mask_tiff((m[y:y + 32, x:x + 32] for y in (0, 32) for x in (0, 32)), (40, 40), (32, 32),
+        ...                    "/tmp/_cytoken_mask.tif")
+        >>> import tifffile; bool((tifffile.imread(p) > 0).sum() == 40)
+        True
+    """
+    import tifffile
+
+    if any(t < 16 or t % 16 for t in tile):
+        raise ValueError(f"save_mask_tiff: TIFF tiles must be positive multiples of 16, got {tile}")
+    path = Path(path)
+    frames = (np.asarray(t, bool).view(np.uint8) * np.uint8(255) for t in tiles)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
+        tw.write(frames, shape=tuple(shape), dtype=np.uint8, tile=tuple(tile), compression="zlib",
+                 photometric="minisblack")  # fmt: skip
     return path

@@ -1,10 +1,13 @@
 """Registration of large images: a coarse overview registration, refined tile by tile.
 
-:func:`register_tiled` is the simple, documented version for images that fit in memory as arrays:
+:func:`register_tiled` reads both images window by window (an H&E :class:`~cytoken.io.slide.Slide` and an
+:class:`~cytoken.io.ifreader.IFReader`; arrays in memory are wrapped), so its memory does not grow with the slide
+beyond the overview:
 
-1. **Overview**: the whole H&E and IF images are registered at ``overview_mpp`` (default 2 µm/px) with the linear
-   stage only (no B-spline, no nucleus guard: nuclei are not resolved at that scale). This captures the global
-   rotation/translation of the section.
+1. **Overview**: downsampled reads of the whole H&E (hematoxylin) and IF nuclear channel are registered at
+   ``overview_mpp`` (default 2 µm/px; coarser for slides over :data:`OVERVIEW_MAX_PX` overview pixels) with the
+   linear stage only (no B-spline, no nucleus guard: nuclei are not resolved at that scale). This captures the
+   global rotation/translation of the section; the transform is in µm, so it holds at full resolution.
 2. **Tiles**: the H&E grid is cut into non-overlapping ``tile_px`` tiles. For each tile, the IF region it maps to
    under the overview transform (plus a ``margin_um`` border) is cropped, and the tile is registered at full
    resolution starting from the overview transform (linear refinement + B-spline, with the nucleus-residual guard
@@ -21,6 +24,7 @@ blending between tiles: a seam may show where neighbouring tiles' deformations d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,10 +33,21 @@ import numpy as np
 
 from cytoken.io.atomic import atomic_write_text
 from cytoken.io.ifimage import IFImage
-from cytoken.labeling.registration import Registration, RegistrationConfig, register
+from cytoken.io.ifreader import IFReader
+from cytoken.io.slide import ArraySlide, Slide
+from cytoken.labeling.registration import Registration, RegistrationConfig, fit_transform, hematoxylin, register
 from cytoken.types import Bounds, CytokenError, validate_mpp
 
-__all__ = ["TiledRegistration", "read_registration", "register_tiled", "tile_grid"]
+__all__ = [
+    "OVERVIEW_MAX_PX",
+    "TiledRegistration",
+    "he_source",
+    "if_source",
+    "read_registration",
+    "read_tile",
+    "register_tiled",
+    "tile_grid",
+]
 
 _FORMAT = "cytoken.tiled_registration/1"
 
@@ -196,9 +211,52 @@ def _refine_tile(
     return None, "; then with every pixel sampled: ".join(errors)
 
 
+#: Longest side of the overview registration's grid: a whole slide is registered at a coarser µm/px than
+#: ``overview_mpp`` when needed, so the overview stays a few tens of MB (a 100k-px slide at 0.25 µm/px: ~6 µm/px).
+OVERVIEW_MAX_PX = 4096
+_READ_PX = 2048  # level-0 pixels per side of one overview read
+
+
+def he_source(he: np.ndarray | Slide, he_mpp: float) -> Slide:
+    """The H&E as a :class:`~cytoken.io.slide.Slide` (an array is wrapped in an ArraySlide, not copied).
+
+    Raises:
+        CytokenError: a slide whose µm/px differs from ``he_mpp``, or an array that is not an RGB image.
+    """
+    if isinstance(he, Slide):
+        if abs(he.mpp - he_mpp) > 1e-6 * he_mpp:
+            raise CytokenError(f"he_mpp={he_mpp:g} differs from the slide's {he.mpp:g} µm/px")
+        return he
+    return ArraySlide(np.asarray(he), he_mpp)
+
+
+def if_source(if_image: IFImage | IFReader) -> IFReader:
+    """The IF image as an :class:`~cytoken.io.ifreader.IFReader` (an in-memory image is wrapped, not copied)."""
+    return if_image if isinstance(if_image, IFReader) else IFReader.from_image(if_image)
+
+
+def read_tile(slide: Slide, b: Bounds) -> np.ndarray:
+    """The stored (H, W, 3) uint8 pixels of a level-0 window of the H&E."""
+    return slide.read_region(b, slide.mpp)
+
+
+def _he_overview(slide: Slide, mpp: float) -> tuple[np.ndarray, float]:
+    """Hematoxylin of the H&E area-averaged to ``mpp`` (read block by block) and the origin of its pixel (0, 0)."""
+    w0, h0 = slide.dimensions
+    f = mpp / slide.mpp
+    nw, nh = max(1, math.floor(w0 / f)), max(1, math.floor(h0 / f))
+    out = np.empty((nh, nw), np.float32)
+    step = max(1, math.floor(_READ_PX / f))
+    for y in range(0, nh, step):
+        for x in range(0, nw, step):
+            b = Bounds(x, y, min(step, nw - x), min(step, nh - y))
+            out[b.y : b.y1, b.x : b.x1] = hematoxylin(slide.read_scaled(b, mpp))
+    return out, 0.5 - 0.5 / f  # centre of overview pixel 0 = centre of its footprint, in overview pixels
+
+
 def register_tiled(
-    he_rgb: np.ndarray,
-    if_image: IFImage,
+    he_rgb: np.ndarray | Slide,
+    if_image: IFImage | IFReader,
     *,
     he_mpp: float,
     tile_px: int = 1024,
@@ -208,18 +266,24 @@ def register_tiled(
 ) -> TiledRegistration:
     """Register a large IF image to a large H&E image: overview first, then per-tile refinement.
 
+    Both images are read window by window: the overview from block-wise downsampled reads (the H&E through
+    :meth:`~cytoken.io.slide.Slide.read_scaled`, the nuclear channel binned by
+    :meth:`~cytoken.io.ifreader.IFReader.binned`), each tile from its own H&E window and the nuclear channel of
+    the IF crop it maps to, so a slide on disk is never held whole.
+
     Args:
-        he_rgb: (H, W, 3) uint8 H&E (in memory).
-        if_image: the IF image with ``mpp`` set.
+        he_rgb: (H, W, 3) uint8 H&E in memory, or a :class:`~cytoken.io.slide.Slide` (e.g. ``open_slide(path)``).
+        if_image: the IF image with ``mpp`` set, in memory or as an :class:`~cytoken.io.ifreader.IFReader`.
         he_mpp: µm/px of the H&E.
         tile_px: H&E tile size in pixels.
-        overview_mpp: µm/px of the overview registration (coarser than both images).
+        overview_mpp: µm/px of the overview registration (coarser than both images; raised so that the overview
+            has at most :data:`OVERVIEW_MAX_PX` pixels on a side).
         margin_um: border added around each tile's IF crop.
         config: settings of the per-tile registrations (the overview uses the same with ``working_mpp =
             overview_mpp``, no B-spline and no guard).
 
     Returns:
-        The overview and per-tile registrations.
+        The overview and per-tile registrations (every one in full-resolution H&E pixels and µm/px).
 
     Raises:
         CytokenError: the IF image has no µm/px, or SimpleITK is missing.
@@ -230,25 +294,34 @@ def register_tiled(
     """
     he_mpp = validate_mpp(he_mpp, source="register_tiled(he_mpp=...)")
     overview_mpp = validate_mpp(overview_mpp, source="register_tiled(overview_mpp=...)")
-    if if_image.mpp is None:
+    slide, ifr = he_source(he_rgb, he_mpp), if_source(if_image)
+    if ifr.mpp is None:
         raise CytokenError("the IF image has no µm/px; pass mpp= to read_if or set IFImage.mpp")
     cfg = config or RegistrationConfig()
-    work = max(overview_mpp, he_mpp, if_image.mpp)
+    nuclear = ifr.channel_names[ifr.index(cfg.nuclear_channel)]
+    cfg = replace(cfg, nuclear_channel=nuclear)  # the crops below hold that channel only
+    w0, h0 = slide.dimensions
+    work = max(overview_mpp, he_mpp, ifr.mpp, max(w0, h0) * he_mpp / OVERVIEW_MAX_PX)
     ov_cfg = replace(cfg, working_mpp=work, bspline_grid_um=None, check=False)
-    overview = register(he_rgb, if_image, he_mpp=he_mpp, config=ov_cfg)
-    tiles = tile_grid(he_rgb.shape[:2], tile_px)
+    he_ov, he_org = _he_overview(slide, work)
+    k = max(1, min(math.floor(work / ifr.mpp), *ifr.shape))
+    if_ov = ifr.binned(nuclear, k)
+    if_org = 0.5 - 0.5 / k
+    transform, quality = fit_transform(
+        he_ov, work, (he_org, he_org), if_ov, k * ifr.mpp, (if_org, if_org), config=ov_cfg, he_mpp=he_mpp
+    )
+    overview = Registration(transform, (h0, w0), he_mpp, ifr.mpp, nuclear_channel=nuclear, quality=quality)
+    tiles = tile_grid((h0, w0), tile_px)
     regs: list[Registration | None] = []
     errors: list[str | None] = []
     for b in tiles:
-        x0, y0, x1, y1 = _if_crop(overview, b, if_image.shape, margin_um)
+        x0, y0, x1, y1 = _if_crop(overview, b, ifr.shape, margin_um)
         if x1 - x0 < 8 or y1 - y0 < 8:
             regs.append(None)
             errors.append("tile maps outside the IF image")
             continue
-        crop = IFImage(if_image.data[:, y0:y1, x0:x1], if_image.channel_names, mpp=if_image.mpp)
-        reg, error = _refine_tile(he_rgb[b.y : b.y1, b.x : b.x1], crop, he_mpp, cfg, overview, b, (x0, y0))
+        crop = ifr.crop([nuclear], x0, y0, x1, y1)
+        reg, error = _refine_tile(read_tile(slide, b), crop, he_mpp, cfg, overview, b, (x0, y0))
         regs.append(reg)
         errors.append(error)
-    return TiledRegistration(
-        overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(he_rgb.shape[0], he_rgb.shape[1])
-    )
+    return TiledRegistration(overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(h0, w0))

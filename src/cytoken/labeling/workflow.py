@@ -11,16 +11,19 @@ wrapper only has to parse its arguments, read the H&E, the IF image and the cell
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cytoken.io.atomic import atomic_path
 from cytoken.io.ifimage import IFImage
+from cytoken.io.slide import Slide
 from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
 from cytoken.labeling.registration import Registration, RegistrationConfig, register
-from cytoken.labeling.slide import SlideLabelResult, slide_qc
-from cytoken.labeling.threshold import MarkerMask, ThresholdConfig, save_mask_png, threshold_marker
+from cytoken.labeling.slide import SlideLabelResult, _mask_tile, slide_qc
+from cytoken.labeling.threshold import MarkerMask, ThresholdConfig, save_mask_png, save_mask_tiff, threshold_marker
 from cytoken.types import CellSet, CytokenError
 
 __all__ = ["IFLabelResult", "label_from_if", "write_outputs"]
@@ -114,19 +117,21 @@ def label_from_if(
 
 def write_outputs(
     result: IFLabelResult | SlideLabelResult,
-    he_rgb: np.ndarray,
+    he_rgb: np.ndarray | Slide,
     out_dir: str | Path,
     *,
     label_metadata: dict[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``registration.json``, ``marker_mask.png``, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
+    """Write ``registration.json``, the marker mask, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
 
-    For a :class:`~cytoken.labeling.slide.SlideLabelResult` the registration file holds the tiled registration and
-    the QC overlay is drawn tile by tile, shrunk to at most 4096 px on a side.
+    The mask is ``marker_mask.png`` for an image; for a :class:`~cytoken.labeling.slide.SlideLabelResult` it is
+    ``marker_mask.tif``, a tiled TIFF on the slide's tile grid (already written there when the result was computed
+    with ``mask_path`` in ``out_dir``), the registration file holds the tiled registration and the QC overlay is
+    drawn tile by tile, shrunk to at most 4096 px on a side.
 
     Args:
         result: the output of :func:`label_from_if` or :func:`~cytoken.labeling.slide.label_from_if_slide`.
-        he_rgb: the H&E the labels were computed on (for the QC overlay).
+        he_rgb: the H&E the labels were computed on (for the QC overlay): an array, or the slide of a slide result.
         out_dir: folder to write into (created if missing).
         label_metadata: extra entries for ``labels.parquet``'s metadata (see :meth:`CellLabels.write`), e.g. the
             segment output the cells came from.
@@ -137,19 +142,30 @@ def write_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(result, SlideLabelResult):
-        mask = result.mask
+        mask = _slide_mask(result, out / "marker_mask.tif")
         slide_qc(he_rgb, result, out / "qc.png")
         qc = out / "qc.png"
     else:
-        mask = result.marker.mask
-        qc = _qc(result, he_rgb, out / "qc.png")
+        mask = save_mask_png(result.marker.mask, out / "marker_mask.png")
+        qc = _qc(result, np.asarray(he_rgb), out / "qc.png")
     return {
         "registration": result.registration.save(out / "registration.json"),
-        "mask": save_mask_png(mask, out / "marker_mask.png"),
+        "mask": mask,
         "labels_parquet": result.labels.write(out / "labels.parquet", metadata=label_metadata),
         "labels_csv": result.labels.write(out / "labels.csv"),
         "qc": qc,
     }
+
+
+def _slide_mask(result: SlideLabelResult, path: Path) -> Path:
+    """The slide's marker mask as a tiled TIFF at ``path`` (copied, or written from the in-memory mask)."""
+    if result.mask_path is not None:
+        if result.mask_path.resolve() != path.resolve():
+            with atomic_path(path) as tmp:
+                shutil.copyfile(result.mask_path, tmp)
+        return path
+    mask, tr = np.asarray(result.mask), result.registration
+    return save_mask_tiff((mask[b.y : b.y1, b.x : b.x1] for b in tr.tiles), tr.he_shape, _mask_tile(tr), path)
 
 
 def _qc(result: IFLabelResult, he_rgb: np.ndarray, path: Path) -> Path:

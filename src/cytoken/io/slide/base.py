@@ -48,7 +48,9 @@ class SlideOpenError(CytokenError):
     """
 
 
-def resolve_mpp(metadata_mpp: float | None, argument_mpp: float | None, *, what: str) -> tuple[float, str]:
+def resolve_mpp(
+    metadata_mpp: float | None, argument_mpp: float | None, *, what: str, max_mpp: float | None = MAX_SLIDE_MPP
+) -> tuple[float, str]:
     """Pick the level-0 µm/px of a slide: an explicit argument wins over the file's metadata.
 
     Metadata values outside the plausible range [0.05, 5] µm/px (e.g. a 72-dpi default resolution tag) count
@@ -58,6 +60,8 @@ def resolve_mpp(metadata_mpp: float | None, argument_mpp: float | None, *, what:
         metadata_mpp: µm/px read from the file, or None.
         argument_mpp: µm/px given by the user (``--mpp``), or None.
         what: the slide's name for error messages.
+        max_mpp: coarsest µm/px accepted (default 0.75, for cell-level H&E); None accepts any plausible value
+            (e.g. a 10x immunofluorescence image read for registration).
 
     Returns:
         ``(mpp, source)`` where source is ``"argument"`` or ``"metadata"``.
@@ -91,9 +95,9 @@ def resolve_mpp(metadata_mpp: float | None, argument_mpp: float | None, *, what:
             )
         mpp = float(metadata_mpp)  # type: ignore[arg-type]
         source = "metadata"
-    if mpp > MAX_SLIDE_MPP:
+    if max_mpp is not None and mpp > max_mpp:
         raise CytokenError(
-            f"{what}: {mpp:g} µm/px ({source}) is coarser than {MAX_SLIDE_MPP} µm/px: cell-level models need "
+            f"{what}: {mpp:g} µm/px ({source}) is coarser than {max_mpp:g} µm/px: cell-level models need "
             "scans at 20x (~0.5 µm/px) or finer, nuclei are only a few pixels wide below that"
         )
     return mpp, source

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cytoken.io.slide.base import Slide, SlideOpenError, resolve_mpp
+from cytoken.io.slide.base import MAX_SLIDE_MPP, Slide, SlideOpenError, resolve_mpp
 from cytoken.types import CytokenError
 
 __all__ = ["TiffSlide"]
@@ -46,6 +46,8 @@ class TiffSlide(Slide):
     Args:
         path: TIFF file.
         mpp: level-0 µm/px; overrides the metadata.
+        max_mpp: coarsest level-0 µm/px accepted (default 0.75, see :func:`resolve_mpp`); None accepts any, for
+            images that are only read channel by channel (:meth:`read_plane`), e.g. a 10x IF image.
 
     Raises:
         SlideOpenError: when the file is not a TIFF tifffile can decode (wrong format, unsupported layout or
@@ -60,7 +62,7 @@ class TiffSlide(Slide):
 
     backend: ClassVar[str] = "tifffile"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, *, mpp: float | None = None, max_mpp: float | None = MAX_SLIDE_MPP) -> None:
         import tifffile
 
         self.path = Path(path)
@@ -76,7 +78,7 @@ class TiffSlide(Slide):
         try:
             self._setup()
             self._probe()
-            self._mpp, self.mpp_source = resolve_mpp(self._metadata_mpp(), mpp, what=str(self.path))
+            self._mpp, self.mpp_source = resolve_mpp(self._metadata_mpp(), mpp, what=str(self.path), max_mpp=max_mpp)
         except CytokenError:
             self._tf.close()
             raise
@@ -220,6 +222,44 @@ class TiffSlide(Slide):
             a = arr[:, :, 3:4].astype(np.float32) / 255.0
             arr = np.rint(arr[:, :, :3] * a + 255.0 * (1.0 - a)).astype(np.uint8)
         return arr
+
+    def read_plane(self, channel: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """One channel of a level-0 window lying inside the image, as stored (no resampling, no fill).
+
+        Only the tiles or strips of that channel's page that meet the window are decoded, so a marker can be read
+        crop by crop from a many-channel image.
+
+        Args:
+            channel: channel index (a page of a multi-page image, or a sample of an RGB-like page).
+            x: left column.
+            y: top row.
+            width: columns (>= 1).
+            height: rows (>= 1).
+
+        Returns:
+            ``(height, width)`` array of :attr:`dtype`.
+
+        Raises:
+            ValueError: a channel out of range or a window that leaves the image.
+            CytokenError: the file cannot be decoded there.
+        """
+        w0, h0 = self._levels[0]
+        if not 0 <= channel < self.channels:
+            raise ValueError(f"read_plane: channel {channel} out of range (the image has {self.channels})")
+        if width < 1 or height < 1 or x < 0 or y < 0 or x + width > w0 or y + height > h0:
+            raise ValueError(f"read_plane: window x={x} y={y} {width}x{height} leaves the {w0}x{h0} image")
+        if self._closed:
+            raise CytokenError(f"{self.path}: the slide is closed")
+        page_channel, sample = (0, channel) if self._samples > 1 else (channel, 0)
+        try:
+            return self._read_page(0, page_channel, x, y, width, height)[:, :, sample]
+        except CytokenError:
+            raise
+        except Exception as exc:
+            raise CytokenError(
+                f"{self.path}: failed to read channel {channel} window x={x} y={y} {width}x{height}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def _read_page(self, level: int, channel: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         page = self._page(level, channel)
