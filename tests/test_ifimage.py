@@ -139,3 +139,51 @@ def test_ifimage_validates_shape_and_names():
     with pytest.raises(ValueError, match="channel names"):
         IFImage(np.zeros((2, 3, 3)), ("only_one",))
     assert IFImage(np.zeros((3, 3)), ("x",)).data.shape == (1, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------- window-by-window reads
+@needs_shared
+def test_open_if_reads_the_real_qptiff_window_by_window():
+    from cytoken.io.ifreader import open_if
+
+    whole = read_if(QPTIFF)
+    with open_if(QPTIFF) as r:
+        assert r.meta["lazy"] and r.channel_names == whole.channel_names and r.mpp == whole.mpp
+        assert r.shape == whole.shape and r.dtype == whole.data.dtype
+        np.testing.assert_array_equal(r.read("cy3", 100, 200, 900, 1000), whole.data[2, 200:1000, 100:900])
+        crop = r.crop(["DAPI", 1], 5, 6, 70, 80)
+        assert crop.channel_names == ("DAPI", "FITC") and crop.mpp == whole.mpp
+        np.testing.assert_array_equal(crop.data, whole.data[:2, 6:80, 5:70])
+        ref = whole.data[0, :1435, :1918].astype(np.float32).reshape(205, 7, 274, 7).mean(axis=(1, 3))
+        np.testing.assert_allclose(r.binned("dapi", 7), ref, rtol=1e-6)
+        assert r.value_range("FITC") == (float(whole.data[1].min()), float(whole.data[1].max()))
+        with pytest.raises(CytokenError, match="available channels"):
+            r.read("CD3", 0, 0, 4, 4)
+        with pytest.raises(ValueError, match="leaves"):
+            r.read(0, 0, 0, 1921, 4)
+
+
+def test_open_if_takes_a_coarse_ome_tiff_and_wraps_other_formats(tmp_path, monkeypatch):
+    """A 10x-like IF (1.2 µm/px, coarser than the 0.75 µm/px H&E slides are held to) opens lazily with its names;
+    block-wise reads stitch exactly; a PNG is read whole and wrapped behind the same interface."""
+    import cytoken.io.ifreader as ifreader
+    from cytoken.io.ifreader import IFReader, open_if
+
+    monkeypatch.setattr(ifreader, "_BLOCK", 64)  # many blocks on a small image
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 60000, (3, 300, 500)).astype(np.uint16)
+    data[2, 7, 9] = 65535
+    write_ome_tiff(IFImage(data, ("DAPI", "CD3", "CD20"), mpp=1.2), tmp_path / "if.ome.tif")
+    with open_if(tmp_path / "if.ome.tif") as r:
+        assert r.meta["lazy"] and r.mpp == 1.2 and r.channel_names == ("DAPI", "CD3", "CD20")
+        np.testing.assert_array_equal(r.read(1, 10, 20, 300, 290), data[1, 20:290, 10:300])
+        assert r.value_range("cd20") == (float(data[2].min()), 65535.0)
+        ref = data[0, :300, :498].astype(np.float32).reshape(100, 3, 166, 3).mean(axis=(1, 3))
+        np.testing.assert_allclose(r.binned("DAPI", 3), ref, rtol=1e-6)
+    Image.fromarray(data[0].astype(np.uint8)).save(tmp_path / "m.png")
+    r = open_if(tmp_path / "m.png", mpp=0.5)
+    assert isinstance(r, IFReader) and not r.meta.get("lazy") and r.channel_names == ("m",)
+    np.testing.assert_array_equal(r.read(0, 0, 0, 500, 300), data[0].astype(np.uint8))
+    fl = IFReader.from_image(IFImage(np.array([[[np.nan, 1.0], [2.0, np.inf]]], np.float32), ("x",)))
+    assert fl.value_range(0) == (1.0, 2.0)

@@ -16,10 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="label H&E cells from an IF marker: register, threshold, overlap >= 15 %% -> positive",
         description="Registers the IF image onto the H&E (hematoxylin vs the nuclear channel; rigid/affine then "
         "B-spline), thresholds the marker, and labels every H&E cell by the fraction of its area on the marker. "
-        "An image larger than --tile-px on a side is handled as a slide: registered tile by tile (overview, then "
-        "per-tile refinement) and thresholded with ONE threshold for the whole slide, computed from a pooled "
-        "histogram of the marker signal of all tiles (bounded memory). "
-        "Writes registration.json, marker_mask.png, labels.parquet, labels.csv, qc.png and summary.json; "
+        "An image larger than --tile-px on a side is handled as a slide: the H&E is read tile by tile through the "
+        "slide readers (svs, ndpi, tiled TIFF, ...), the IF crop by crop (TIFF/OME-TIFF/QPTIFF), registered tile by "
+        "tile (overview from downsampled reads, then per-tile refinement) and thresholded with ONE threshold for the "
+        "whole slide, computed from a pooled histogram of the marker signal of all tiles; the marker mask is written "
+        "tile by tile as marker_mask.tif, so memory does not grow with the slide's area (only the per-cell tables "
+        "grow with the number of cells). "
+        "Writes registration.json, marker_mask.png (slides: .tif), labels.parquet, labels.csv, qc.png and "
+        "summary.json; "
         "without --cells also segmentation/<H&E stem>/, the `cytoken segment` output whose cells were labelled.",
     )
     p.add_argument("--he", required=True, type=Path, help="H&E image (PNG/JPEG/TIFF)")
@@ -58,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tile-px",
         type=positive_int,
         default=2048,
-        help="H&E tile size of slide mode; images larger than this on a side are processed as a slide (default 2048)",
+        help="H&E tile size of slide mode, a multiple of 16 (the marker mask TIFF uses these tiles); images larger "
+        "than this on a side are processed as a slide (default 2048)",
     )
     p.add_argument(
         "--failed-tiles",
