@@ -42,7 +42,7 @@ def _rss_mb() -> float:
 
 def child(argv: list[str]) -> None:
     """Run the command in this process; print its RSS after the imports and its peak RSS (MB) as JSON."""
-    import cytoken.cli.label_from_if  # noqa: F401  (the command's imports, before the baseline is read)
+    import cytoken.cli.label_from_if
     import cytoken.labeling  # noqa: F401
     from cytoken.cli.main import main
 
@@ -83,7 +83,7 @@ def build(tmp: Path, reps: int) -> dict:
     tifffile.imwrite(tmp / "he.tif", he, tile=(256, 256), photometric="rgb", compression="zlib")
     tifffile.imwrite(tmp / "cells.tif", inst.astype(np.int32), tile=(256, 256), compression="zlib")
     write_ome_tiff(synth.image, tmp / "if.ome.tif")
-    return {"he_px": list(he.shape[:2]), "if_px": list(synth.image.shape), "cells": int(len(ids)),
+    return {"he_px": list(he.shape[:2]), "if_px": list(synth.image.shape), "cells": len(ids),
             "positive_cells": int((types == 2).sum())}  # fmt: skip
 
 
@@ -91,7 +91,8 @@ def measure(tmp: Path, src: Path | None) -> dict:
     """One run of the command on the files in ``tmp`` in a fresh subprocess."""
     argv = ["label-from-if", "--he", str(tmp / "he.tif"), "--he-mpp", str(HE_MPP), "--if", str(tmp / "if.ome.tif"),
             "--marker", "MARKER", "--cells", str(tmp / "cells.tif"), "--tile-px", str(TILE_PX),
-            "--background", "tophat:40", "--smooth-px", "1", "--min-object-px", "20", "--out", str(tmp / "out")]  # fmt: skip
+            "--background", "tophat:40", "--smooth-px", "1", "--min-object-px", "20",
+            "--out", str(tmp / "out")]  # fmt: skip
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)

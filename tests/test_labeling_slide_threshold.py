@@ -339,3 +339,16 @@ def test_file_backed_slide_gives_the_labels_of_the_in_memory_slide(slide, tmp_pa
     table = pq.read_table(out / "labels.parquet").to_pandas().set_index("cell_id").loc[mem.labels.ids]
     assert (table["status"].to_numpy() == mem.labels.status).mean() > 0.97  # its own (multi-threaded) registration
     assert Image.open(out / "qc.png").size == (768, 256)
+
+    # without --cells, slide mode segments the slide with the streaming slide pipeline and keeps that output
+    from cytoken.weights import file_sha256
+
+    argv2 = [a for a in argv if a not in ("--cells", str(tmp_path / "cells.tif"))]
+    argv2[argv2.index("--out") + 1] = str(tmp_path / "out2")
+    assert main([*argv2, "--registration", str(out / "registration.json")]) == 0
+    seg = tmp_path / "out2" / "segmentation" / "he"
+    cells = pq.read_table(seg / "cells.parquet").to_pandas()
+    labels = pq.read_table(tmp_path / "out2" / "labels.parquet")
+    assert labels.schema.metadata[b"cytoken.cells_sha256"].decode() == file_sha256(seg / "cells.parquet")
+    assert sorted(labels.column("cell_id").to_pylist()) == sorted(cells["id"]) and len(cells) > 100
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["mode"] == "slide"

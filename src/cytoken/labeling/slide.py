@@ -191,7 +191,7 @@ def _grid_tile(tiles: list[Bounds], shape: tuple[int, int]) -> tuple[int, int]:
     if ty % 16 or tx % 16:
         raise CytokenError(
             f"the marker mask is written as a tiled TIFF with the slide's {p}-px tiles, which must be a multiple of "
-            f"16 px; fit the registration with a tile size such as {16 * max(1, round(p / 16))}"
+            f"16 px; fit the registration with a tile size (--tile-px) such as {16 * max(1, round(p / 16))}"
         )
     return ty, tx
 
