@@ -48,8 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="the H&E cells: an instance-map image (PNG/TIFF; in slide mode a TIFF is read tile by tile, a PNG "
-        "whole) or a `cytoken segment` output folder (cells.parquet); else the H&E is segmented with --model and the full segment output is kept in "
-        "OUT/segmentation/<H&E stem>/ (the --cells folder for `classifier dataset --if-labels OUT`)",
+        "whole) or a `cytoken segment` output folder (cells.parquet); else the H&E is segmented with --model and "
+        "the full segment output is kept in OUT/segmentation/<H&E stem>/ (the --cells folder for "
+        "`classifier dataset --if-labels OUT`)",
     )
     p.add_argument("--model", default="cytoken-default", help="segmentation model when --cells is not given")
     p.add_argument(
