@@ -6,7 +6,7 @@ so the run measures the labelling, not the segmentation model), and a **syntheti
 the expert inflammatory nuclei, :func:`~cytoken.labeling.synthesize_if`: 0.5 µm/px, under a random rigid + elastic
 warp) written as an OME-TIFF. Each size runs ``cytoken label-from-if --tile-px 512`` (slide mode: overview, per-tile
 registration, one pooled threshold, labels, tiled marker mask, QC) in a fresh subprocess that reports its peak RSS
-(``ru_maxrss``) and its RSS after the imports. ``--baseline-src DIR`` runs the same command with another checkout's
+(``VmHWM``) and its RSS after the imports. ``--baseline-src DIR`` runs the same command with another checkout's
 ``src`` (e.g. the code before the window-by-window reading) for comparison.
 
 Run: ``python benchmarks/bench_if_slide_memory.py [--reps 6 12] [--baseline-src ../main/src]``.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,22 +32,26 @@ OUT = ROOT / "benchmarks" / "results"
 HE_MPP, IF_MPP, TILE_PX = 0.25, 0.5, 512
 
 
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def child(argv: list[str]) -> None:
-    """Run the command in this process; print its RSS after the imports and its peak RSS (MB) as JSON."""
+    """Run the command in this process; print its RSS after the imports and its peak RSS (MB) as JSON.
+
+    The peak is ``VmHWM``, the high-water mark of this process image: ``ru_maxrss`` would also count the parent's
+    RSS at the fork (Linux keeps it across ``execve``).
+    """
     import cytoken.cli.label_from_if
     import cytoken.labeling  # noqa: F401
     from cytoken.cli.main import main
 
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     rc = main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     print(json.dumps({"rc": rc, "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(peak, 1)}))
 
 
@@ -112,6 +115,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2:])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--build":  # in its own process, so the runs do not inherit its memory
+        print(json.dumps(build(Path(sys.argv[2]), int(sys.argv[3]))))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, nargs="+", default=[6, 12], help="mosaic side in 256-px patches")
     ap.add_argument("--baseline-src", type=Path, default=None, help="also run another checkout's src (before)")
@@ -120,7 +126,9 @@ def main() -> None:
     for reps in args.reps:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            info = build(tmp, reps)
+            made = subprocess.run([sys.executable, __file__, "--build", str(tmp), str(reps)], capture_output=True,
+                                  text=True, check=True)  # fmt: skip
+            info = json.loads(made.stdout.strip().splitlines()[-1])
             for label, src in (("this", None), ("baseline", args.baseline_src)):
                 if label == "baseline" and src is None:
                     continue

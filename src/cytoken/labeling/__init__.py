@@ -11,7 +11,9 @@ Workflow (layer 3; imports types, io, metrics and postprocess only):
   ambiguity band, a Parquet/CSV label table and a QC overlay.
 * :func:`label_from_if` / :func:`write_outputs`: the chain in one call;
 * :func:`label_from_if_slide`: the chain on a slide, tile by tile, with ONE marker threshold for the whole slide
-  from a pooled, bounded-memory histogram of the marker signal (:class:`SignalHistogram`, :func:`slide_threshold`).
+  from a pooled, bounded-memory histogram of the marker signal (:class:`SignalHistogram`, :func:`slide_threshold`);
+  the H&E is read through a :class:`~cytoken.io.slide.Slide`, the IF through an
+  :class:`~cytoken.io.ifreader.IFReader` (``open_if``) and the mask written tile by tile (:func:`save_mask_tiff`).
 * :func:`synthesize_if`: a synthetic IF image of an annotated H&E tile under a known deformation (for validation).
 """
 
