@@ -19,14 +19,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "An image larger than --tile-px on a side is handled as a slide: registered tile by tile (overview, then "
         "per-tile refinement) and thresholded with ONE threshold for the whole slide, computed from a pooled "
         "histogram of the marker signal of all tiles (bounded memory). "
-        "Writes registration.json, marker_mask.png, labels.parquet, labels.csv, qc.png and summary.json.",
+        "Writes registration.json, marker_mask.png, labels.parquet, labels.csv, qc.png and summary.json (with the "
+        "registration quality), and in image mode if_on_he.ome.tif (every IF channel resampled onto the H&E grid). "
+        "Channels (--marker, --nuclear-channel) are given by name (case-insensitive) or by 0-based index: a number "
+        "selects by index unless a channel is named that way. Registration that fails the nucleus guard stops "
+        "the command with the measured numbers and writes nothing.",
     )
     p.add_argument("--he", required=True, type=Path, help="H&E image (PNG/JPEG/TIFF)")
-    p.add_argument("--if", dest="if_path", required=True, type=Path, help="IF image (OME-TIFF, qptiff, TIFF/PNG)")
-    p.add_argument("--marker", required=True, help="IF channel to threshold (name or index)")
-    p.add_argument("--nuclear-channel", default="DAPI", help="IF nuclear channel (default DAPI)")
+    p.add_argument(
+        "--if",
+        dest="if_path",
+        required=True,
+        action="append",
+        metavar="IF",
+        help="IF image: one multi-channel file (OME-TIFF, qptiff, TIFF), or one single-channel file per channel, "
+        "repeated as NAME=FILE (e.g. --if DAPI=dapi.png --if CD3=cd3.tif; a FILE without NAME= is named by its "
+        "file stem)",
+    )
+    p.add_argument(
+        "--marker",
+        required=True,
+        help="IF channel to threshold: a name, or a 0-based index when no channel has that name",
+    )
+    p.add_argument(
+        "--nuclear-channel", default="DAPI", help="IF nuclear channel: name or 0-based index (default DAPI)"
+    )
     p.add_argument("--he-mpp", type=mpp_arg, default=None, help="µm/px of the H&E when the file does not say")
     p.add_argument("--if-mpp", type=mpp_arg, default=None, help="µm/px of the IF when the file does not say")
+    p.add_argument(
+        "--transform",
+        choices=("rigid", "affine"),
+        default="rigid",
+        help="linear registration stage: rigid (rotation + translation) or affine (rigid, then a full affine)",
+    )
+    p.add_argument(
+        "--bspline-grid-um",
+        type=_bspline_grid,
+        default=32.0,
+        help="B-spline control-point spacing in µm of the non-rigid stage; 0 or none = no B-spline (default 32)",
+    )
+    p.add_argument(
+        "--max-residual-px",
+        type=_positive_float,
+        default=4.0,
+        help="registration guard: largest accepted median nucleus residual in H&E pixels (default 4)",
+    )
     p.add_argument("--threshold", default="otsu", help="otsu, triangle, percentile:P or a fixed value")
     p.add_argument(
         "--background",
@@ -50,7 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--registration",
         type=Path,
         default=None,
-        help="reuse a saved registration.json (a tiled one switches to slide mode)",
+        help="reuse a saved registration.json (a tiled one switches to slide mode); the registration options "
+        "are then ignored",
     )
     p.add_argument(
         "--tile-px",
@@ -63,10 +101,82 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("skip", "overview"),
         default="skip",
         help="slide mode: tiles whose registration refinement fails are left out (skip: their cells get "
-        "no_coverage) or use the overview transform",
+        "no_coverage), or (overview) use the overview transform on those where it passes the same nucleus guard "
+        "(the others are still left out)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=run)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _bspline_grid(text: str) -> float | None:
+    """``--bspline-grid-um``: a spacing in µm, or None for 0 / none (no non-rigid stage)."""
+    if text.strip().lower() in ("none", "0", "0.0", "off"):
+        return None
+    return _positive_float(text)
+
+
+def _read_if_arg(values: list[str], mpp: float | None):
+    """``--if`` values -> the IF image: one multi-channel file, or single-channel files as NAME=FILE (or FILE)."""
+    from cytoken.io.ifimage import read_if
+    from cytoken.types import CytokenError
+
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
+        return read_if(Path(values[0]), mpp=mpp)
+    files: dict[str, Path] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or Path(v).exists():
+            name, path = Path(v).stem, v
+        name = name.strip()
+        if not name or not path:
+            raise CytokenError(f"--if {v!r}: give NAME=FILE (e.g. --if DAPI=dapi.png)")
+        if name.lower() in {k.lower() for k in files}:
+            raise CytokenError(f"--if: channel name {name!r} is given twice ({values})")
+        files[name] = Path(path)
+    return read_if(files, mpp=mpp)
+
+
+def _channel(key: str, image) -> str:
+    """A channel argument: the name when a channel has it, else digits as a 0-based index (resolved, or error)."""
+    return image.channel_names[image.index(key)]
+
+
+def _registration_config(args: argparse.Namespace, nuclear_channel: str):
+    """The RegistrationConfig of the command's registration options."""
+    from cytoken.labeling.registration import RegistrationConfig
+
+    return RegistrationConfig(
+        nuclear_channel=nuclear_channel,
+        linear=args.transform,
+        bspline_grid_um=args.bspline_grid_um,
+        max_residual_px=args.max_residual_px,
+    )
+
+
+def _tile_records(result) -> list[dict]:
+    """summary.json's per-tile entries of a slide result: bounds, used, refinement error, overview check error."""
+    tr = result.registration
+    overview_errors = tr.overview_errors or [None] * len(tr.tiles)
+    return [
+        {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e, "overview_error": oe}
+        for b, u, e, oe in zip(tr.tiles, result.tiles_used, tr.errors, overview_errors)
+    ]
+
+
+def _quality_dict(registration) -> dict | None:
+    """A registration's quality report as a JSON-ready dict (None when it has none)."""
+    q = registration.quality
+    return None if q is None else q.to_dict()
 
 
 def _threshold_config(text: str, background: str = "none", smooth_px: float = 0.0, min_object_px: int = 0):
@@ -122,21 +232,18 @@ def _read_cells(path: Path, shape: tuple[int, int]):
 def run(args: argparse.Namespace) -> int:
     """Execute the command."""
     from cytoken.io.atomic import atomic_dir
-    from cytoken.io.ifimage import read_if
     from cytoken.io.image import read_image
     from cytoken.labeling.cell_labels import CellLabelConfig
-    from cytoken.labeling.registration import RegistrationConfig
     from cytoken.labeling.slide import label_from_if_slide
     from cytoken.labeling.tiled import TiledRegistration, read_registration
     from cytoken.labeling.workflow import label_from_if, write_outputs
 
     he = read_image(args.he, args.he_mpp)
-    ifimg = read_if(args.if_path, mpp=args.if_mpp)
-    ifimg.index(args.marker)  # unknown marker: clear error listing the channels, before any work
-    ifimg.index(args.nuclear_channel)
+    ifimg = _read_if_arg(args.if_path, args.if_mpp)
+    marker = _channel(args.marker, ifimg)  # unknown marker: clear error listing the channels, before any work
     tcfg = _threshold_config(args.threshold, args.background, args.smooth_px, args.min_object_px)
     lcfg = CellLabelConfig(positive_fraction=args.overlap, negative_margin=args.negative_margin)
-    rcfg = RegistrationConfig(nuclear_channel=args.nuclear_channel)
+    rcfg = _registration_config(args, _channel(args.nuclear_channel, ifimg))
     reg = read_registration(args.registration) if args.registration else None
     shape = he.array.shape[:2]
     if args.cells is not None:
@@ -149,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     slide = isinstance(reg, TiledRegistration) or (reg is None and max(shape) > args.tile_px)
     if slide:
         result = label_from_if_slide(
-            he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+            he.array, ifimg, cells, he_mpp=he.mpp, marker=marker, registration=reg,  # type: ignore[arg-type]
             tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
             failed_tiles=args.failed_tiles,
         )  # fmt: skip
@@ -158,22 +265,19 @@ def run(args: argparse.Namespace) -> int:
             "threshold": result.threshold,
             "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
             "signal": result.stats,
-            "tiles": [
-                {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
-                for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
-            ],
-            "overview_quality": str(result.registration.overview.quality),
+            "tiles": _tile_records(result),
+            "overview_quality": _quality_dict(result.registration.overview),
         }
     else:
         result = label_from_if(
-            he.array, ifimg, cells, he_mpp=he.mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+            he.array, ifimg, cells, he_mpp=he.mpp, marker=marker, registration=reg,  # type: ignore[arg-type]
             registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
         )  # fmt: skip
         extra = {
             "mode": "image",
             "threshold": result.marker.threshold,
             "signal": result.marker.stats,
-            "quality": str(result.registration.quality),
+            "quality": _quality_dict(result.registration),
         }
     link = None
     if args.cells is not None and args.cells.is_dir():  # which segment output the labels refer to (for the join)
@@ -183,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_dir(args.out) as tmp:
         write_outputs(result, he.array, tmp, label_metadata=link)
         counts = result.labels.counts()
-        summary = {"counts": counts, "marker": args.marker, **extra}
+        summary = {"counts": counts, "marker": marker, **extra}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     mode = f"slide mode, {len(extra['tiles'])} tiles, one threshold" if slide else "image mode"
     print(f"{args.he.name} ({mode}, threshold {extra['threshold']:.4g}): {counts} -> {args.out}")

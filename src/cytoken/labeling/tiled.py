@@ -11,8 +11,10 @@
    of :class:`~cytoken.labeling.registration.RegistrationConfig`).
 3. A tile whose refinement fails (the optimiser left the images, too few nuclei, residual over the limit) is tried
    once more with every pixel sampled by the metric instead of a random ``sampling_fraction`` (slower, but no
-   sampling luck); when that fails too, the tile keeps the overview transform and the error messages are recorded in
-   :attr:`TiledRegistration.errors`.
+   sampling luck); when that fails too, the error messages are recorded in :attr:`TiledRegistration.errors`, and
+   the overview transform is judged on that tile by the same nucleus guard (:func:`~cytoken.labeling.registration.
+   assess`): :attr:`TiledRegistration.overview_errors` records why it fails there, or None when it may stand in for
+   the failed refinement. The overview alone is never trusted: unrelated images pass no tile's guard.
 
 Every per-tile transform maps global H&E µm to global IF µm, so tiles can be warped independently (there is no
 blending between tiles: a seam may show where neighbouring tiles' deformations differ).
@@ -29,7 +31,7 @@ import numpy as np
 
 from cytoken.io.atomic import atomic_write_text
 from cytoken.io.ifimage import IFImage
-from cytoken.labeling.registration import Registration, RegistrationConfig, register
+from cytoken.labeling.registration import Registration, RegistrationConfig, assess, check_registration, register
 from cytoken.types import Bounds, CytokenError, validate_mpp
 
 __all__ = ["TiledRegistration", "read_registration", "register_tiled", "tile_grid"]
@@ -64,6 +66,9 @@ class TiledRegistration:
         registrations: per tile, the refined registration, or None when refinement failed.
         errors: per tile, the error message of a failed refinement, else None.
         he_shape: (H, W) of the full H&E grid.
+        overview_errors: per tile whose refinement failed, why the overview transform fails the nucleus guard on
+            that tile, or None when it passes (then it may stand in for the refinement); None for refined tiles.
+            None as a whole: not checked (a file written before this check), so no overview fallback is trusted.
     """
 
     overview: Registration
@@ -71,6 +76,14 @@ class TiledRegistration:
     registrations: list[Registration | None]
     errors: list[str | None]
     he_shape: tuple[int, int]
+    overview_errors: list[str | None] | None = None
+
+    def overview_usable(self) -> np.ndarray:
+        """(T,) bool: tiles whose refinement failed but whose overview transform passed the guard on the tile."""
+        failed = np.array([r is None for r in self.registrations], bool)
+        if self.overview_errors is None:
+            return np.zeros_like(failed)
+        return failed & np.array([e is None for e in self.overview_errors], bool)
 
     def for_tile(self, i: int) -> Registration:
         """The registration to use for tile ``i`` (the overview transform on that tile when refinement failed)."""
@@ -105,6 +118,7 @@ class TiledRegistration:
             "tiles": [[b.x, b.y, b.width, b.height] for b in self.tiles],
             "registrations": [None if r is None else r.to_dict() for r in self.registrations],
             "errors": list(self.errors),
+            "overview_errors": None if self.overview_errors is None else list(self.overview_errors),
         }
         return atomic_write_text(Path(path), json.dumps(doc))
 
@@ -121,6 +135,7 @@ class TiledRegistration:
             ],
             errors=list(doc["errors"]),
             he_shape=(int(doc["he_shape"][0]), int(doc["he_shape"][1])),
+            overview_errors=None if doc.get("overview_errors") is None else list(doc["overview_errors"]),
         )
 
     @classmethod
@@ -196,6 +211,23 @@ def _refine_tile(
     return None, "; then with every pixel sampled: ".join(errors)
 
 
+def _judge_overview(
+    he_tile: np.ndarray,
+    crop: IFImage,
+    cfg: RegistrationConfig,
+    overview: Registration,
+    b: Bounds,
+    if_origin: tuple[int, int],
+) -> str | None:
+    """Why the overview transform fails the nucleus guard on tile ``b`` (None when it passes)."""
+    on_tile = replace(overview, he_shape=(b.height, b.width), he_origin_px=(float(b.x), float(b.y)), quality=None)
+    try:
+        check_registration(assess(on_tile, he_tile, crop, config=cfg, if_origin_px=if_origin), cfg)
+    except CytokenError as exc:
+        return f"overview transform on this tile: {exc}"
+    return None
+
+
 def register_tiled(
     he_rgb: np.ndarray,
     if_image: IFImage,
@@ -216,7 +248,7 @@ def register_tiled(
         overview_mpp: µm/px of the overview registration (coarser than both images).
         margin_um: border added around each tile's IF crop.
         config: settings of the per-tile registrations (the overview uses the same with ``working_mpp =
-            overview_mpp``, no B-spline and no guard).
+            overview_mpp``, no B-spline and no guard; its guard is applied per tile where refinement fails).
 
     Returns:
         The overview and per-tile registrations.
@@ -239,16 +271,21 @@ def register_tiled(
     tiles = tile_grid(he_rgb.shape[:2], tile_px)
     regs: list[Registration | None] = []
     errors: list[str | None] = []
+    ov_errors: list[str | None] = []
     for b in tiles:
         x0, y0, x1, y1 = _if_crop(overview, b, if_image.shape, margin_um)
         if x1 - x0 < 8 or y1 - y0 < 8:
             regs.append(None)
             errors.append("tile maps outside the IF image")
+            ov_errors.append("tile maps outside the IF image")
             continue
         crop = IFImage(if_image.data[:, y0:y1, x0:x1], if_image.channel_names, mpp=if_image.mpp)
-        reg, error = _refine_tile(he_rgb[b.y : b.y1, b.x : b.x1], crop, he_mpp, cfg, overview, b, (x0, y0))
+        he_tile = he_rgb[b.y : b.y1, b.x : b.x1]
+        reg, error = _refine_tile(he_tile, crop, he_mpp, cfg, overview, b, (x0, y0))
         regs.append(reg)
         errors.append(error)
+        ov_errors.append(None if reg is not None else _judge_overview(he_tile, crop, cfg, overview, b, (x0, y0)))
     return TiledRegistration(
-        overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(he_rgb.shape[0], he_rgb.shape[1])
-    )
+        overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(he_rgb.shape[0], he_rgb.shape[1]),
+        overview_errors=ov_errors,
+    )  # fmt: skip

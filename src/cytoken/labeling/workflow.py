@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoken.io.ifimage import IFImage
+from cytoken.io.ifimage import IFImage, write_ome_tiff
 from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
 from cytoken.labeling.registration import Registration, RegistrationConfig, register
 from cytoken.labeling.slide import SlideLabelResult, slide_qc
@@ -119,10 +119,12 @@ def write_outputs(
     *,
     label_metadata: dict[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``registration.json``, ``marker_mask.png``, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
+    """Write ``registration.json``, ``marker_mask.png``, ``labels.parquet``, ``labels.csv``, ``qc.png`` and the IF.
 
-    For a :class:`~cytoken.labeling.slide.SlideLabelResult` the registration file holds the tiled registration and
-    the QC overlay is drawn tile by tile, shrunk to at most 4096 px on a side.
+    For an :class:`IFLabelResult` the IF image resampled onto the H&E grid (every channel, float32, with its channel
+    names and the H&E µm/px; 0 outside the IF image) is written as ``if_on_he.ome.tif``. For a
+    :class:`~cytoken.labeling.slide.SlideLabelResult` it is not (a slide-sized float image); the registration file
+    holds the tiled registration and the QC overlay is drawn tile by tile, shrunk to at most 4096 px on a side.
 
     Args:
         result: the output of :func:`label_from_if` or :func:`~cytoken.labeling.slide.label_from_if_slide`.
@@ -136,6 +138,7 @@ def write_outputs(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
     if isinstance(result, SlideLabelResult):
         mask = result.mask
         slide_qc(he_rgb, result, out / "qc.png")
@@ -143,12 +146,14 @@ def write_outputs(
     else:
         mask = result.marker.mask
         qc = _qc(result, he_rgb, out / "qc.png")
+        written["if_on_he"] = write_ome_tiff(result.warped, out / "if_on_he.ome.tif")
     return {
         "registration": result.registration.save(out / "registration.json"),
         "mask": save_mask_png(mask, out / "marker_mask.png"),
         "labels_parquet": result.labels.write(out / "labels.parquet", metadata=label_metadata),
         "labels_csv": result.labels.write(out / "labels.csv"),
         "qc": qc,
+        **written,
     }
 
 
