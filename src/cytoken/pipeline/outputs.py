@@ -5,7 +5,8 @@
 - ``cells.geojson`` (``.gz`` for slides): QuPath / geopandas FeatureCollection, one Polygon per cell;
 - ``cells.json`` and ``cell_detection.json``: CellViT++'s layouts;
 - ``cells.parquet``: one row per cell (id, centroid, bbox, polygon WKB, area µm², class, probability, tile);
-- ``embeddings.npy``: (N, D) float16, row i belongs to the i-th row of ``cells.parquet``;
+- ``embeddings.npy``: (N, D) float16, row i belongs to the i-th row of ``cells.parquet`` (an output without cells
+  has a (0, D) one, unless segmented with ``--embeddings none``);
 - ``cells.h5ad``: AnnData for scanpy / squidpy: X = the embeddings (float32), obs = the cell table (same row
   order), obsm["spatial"] = centroids (needs ``pip install "cytoken[anndata]"``; skipped with a warning
   otherwise; see :mod:`cytoken.io.export.h5ad`);
@@ -163,25 +164,32 @@ def _npy_header(rows: int, dim: int) -> bytes:
 class _NpyAppender:
     """Append float16 rows to an atomic ``.npy`` file in place; :meth:`finish` writes the final shape."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dim: int | None = None) -> None:
         self.path = path
         self.rows = 0
         self.dim: int | None = None
         self._file: AtomicFile | None = None
+        if dim is not None:
+            self.start(dim)
+
+    def start(self, dim: int) -> None:
+        """Open the file for ``dim``-wide rows (once; later calls must give the same width)."""
+        if self.dim is not None:
+            if dim != self.dim:
+                raise ValueError(f"{dim}-d embeddings cannot follow {self.dim}-d embeddings")
+            return
+        if self.rows:  # pragma: no cover - rows only grow with embeddings
+            raise ValueError("cells with embeddings after cells without embeddings")
+        self.dim = int(dim)
+        self._file = AtomicFile(self.path, "wb")
+        self._file.file.write(_npy_header(0, self.dim))  # type: ignore[union-attr]
 
     def add(self, emb: np.ndarray | None, n: int) -> None:
         if emb is None:
             if n and self.dim is not None:
                 raise ValueError("cells without embeddings after cells with embeddings")
             return
-        if self.dim is None:
-            if self.rows:  # pragma: no cover - rows only grow with embeddings
-                raise ValueError("cells with embeddings after cells without embeddings")
-            self.dim = int(emb.shape[1])
-            self._file = AtomicFile(self.path, "wb")
-            self._file.file.write(_npy_header(0, self.dim))  # type: ignore[union-attr]
-        elif emb.shape[1] != self.dim:
-            raise ValueError(f"{emb.shape[1]}-d embeddings cannot follow {self.dim}-d embeddings")
+        self.start(int(emb.shape[1]))
         self._file.file.write(np.ascontiguousarray(emb, np.float16).tobytes())  # type: ignore[union-attr]
         self.rows += len(emb)
 
@@ -215,6 +223,8 @@ class CellOutputWriter:
         wsi_metadata: CellViT++ ``wsi_metadata``.
         geojson_meta: extra metadata in the GeoJSON collection.
         id_seed: makes GeoJSON feature ids deterministic UUIDs (same input + model -> same ids, e.g. after resume).
+        embedding_dim: width D of the cells' embeddings (None: taken from the first cells, or no embeddings); with
+            it, an output without cells still gets its (0, D) ``embeddings.npy``.
         final: where ``folder`` will end up, for error messages (default ``folder``).
         h5ad: also write ``cells.h5ad`` (skipped with one warning when h5py / anndata are missing).
     """
@@ -228,6 +238,7 @@ class CellOutputWriter:
         wsi_metadata: dict[str, Any] | None = None,
         geojson_meta: dict[str, Any] | None = None,
         id_seed: str | None = None,
+        embedding_dim: int | None = None,
         final: Path | None = None,
         h5ad: bool = True,
     ) -> None:
@@ -237,6 +248,9 @@ class CellOutputWriter:
         self.streams: dict[str, Any] = {}
         self.embeddings = _NpyAppender(self.folder / "embeddings.npy")
         try:
+            if embedding_dim is not None:
+                with writing(self.final / "embeddings.npy"):
+                    self.embeddings.start(embedding_dim)
             name = "cells.geojson.gz" if gzip_geojson else "cells.geojson"
             self.geojson = self._open(GeoJSONWriter, name, metadata=geojson_meta, id_seed=id_seed)
             self.cellvit = self._open(CellViTJSONWriter, "cells.json", type_map=type_map, wsi_metadata=wsi_metadata)
@@ -270,6 +284,9 @@ class CellOutputWriter:
             OutputWriteError: a file could not be written.
         """
         if not len(cells):
+            if cells.embeddings is not None:  # an empty output still records the embedding width
+                with writing(self.final / "embeddings.npy"):
+                    self.embeddings.start(cells.embeddings.shape[1])
             return
         for name, w in self.streams.items():
             with writing(self.final / name):
