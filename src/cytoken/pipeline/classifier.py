@@ -119,6 +119,21 @@ def _totals(per_image: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def _no_match_message(dataset: Dataset, per_image: list[dict[str, Any]]) -> str:
+    """Why a dataset gave no labelled cell, naming its label files (QuPath) or its folder."""
+    files = [str(r["labels_file"]) for r in per_image if r.get("labels_file")]
+    where = f"{dataset.name}/{dataset.split} in {dataset.root}"
+    if files:
+        where = ", ".join(files[:3]) + (f" and {len(files) - 3} more label files" if len(files) > 3 else "")
+    n_labels, n_cells = sum(r.get("n_labels", 0) for r in per_image), sum(r.get("n_cells", 0) for r in per_image)
+    if not n_labels:
+        return f"no label in {where} (no labelled cell to learn from)"
+    if not n_cells:
+        return f"no label of {where} matched a detected cell: no cell was detected in its {len(per_image)} image(s)"
+    return (f"no label of {where} matched a detected cell ({n_labels} labels, {n_cells} cells detected): are the "
+            "labels in the images' pixel coordinates, and is --mpp right?")  # fmt: skip
+
+
 def build_embedding_set(
     dataset: Dataset,
     predictor: Predictor,
@@ -201,7 +216,7 @@ def build_embedding_set(
         extra = label_report(i) if callable(label_report) else {}
         per_image.append({"image": s.source_id, **{k: v for k, v in extra.items() if k != "n_labels"}, **rep})
     if not xs or not sum(len(x) for x in xs):
-        raise CytokenError(f"no label of {dataset.name}/{dataset.split} matched a detected cell")
+        raise CytokenError(_no_match_message(dataset, per_image))
     cells_set = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), names)
     return cells_set, {"images": per_image, **_totals(per_image)}
 
@@ -392,7 +407,7 @@ def build_slide_embedding_set(
         try:
             pm = match_points(p, entry.columns["centroids"], mpp=smpp, radius_um=radius_um)
         except CytokenError as exc:
-            raise CytokenError(f"{lab.path}: {exc}") from None
+            raise CytokenError(f"{lab.path}: no label matched a cell of {sp}: {exc}") from None
         emb = cache.get(info.sha256, key, entry.ids[pm.cell_index])
         if emb is None:  # pragma: no cover - the ids come from the entry itself
             raise CytokenError(f"embedding cache entry of {sp} lost cells")
