@@ -162,24 +162,19 @@ def _npy_header(rows: int, dim: int) -> bytes:
 
 
 class _NpyAppender:
-    """Append float16 rows to an atomic ``.npy`` file in place; :meth:`finish` writes the final shape."""
+    """Append float16 rows to an atomic ``.npy`` file in place; :meth:`finish` writes the final shape.
 
-    def __init__(self, path: Path, dim: int | None = None) -> None:
+    ``empty_dim``: the width of the (0, D) file :meth:`finish` writes when no row came (None: no file then).
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.rows = 0
         self.dim: int | None = None
+        self.empty_dim: int | None = None
         self._file: AtomicFile | None = None
-        if dim is not None:
-            self.start(dim)
 
-    def start(self, dim: int) -> None:
-        """Open the file for ``dim``-wide rows (once; later calls must give the same width)."""
-        if self.dim is not None:
-            if dim != self.dim:
-                raise ValueError(f"{dim}-d embeddings cannot follow {self.dim}-d embeddings")
-            return
-        if self.rows:  # pragma: no cover - rows only grow with embeddings
-            raise ValueError("cells with embeddings after cells without embeddings")
+    def _start(self, dim: int) -> None:
         self.dim = int(dim)
         self._file = AtomicFile(self.path, "wb")
         self._file.file.write(_npy_header(0, self.dim))  # type: ignore[union-attr]
@@ -189,13 +184,20 @@ class _NpyAppender:
             if n and self.dim is not None:
                 raise ValueError("cells without embeddings after cells with embeddings")
             return
-        self.start(int(emb.shape[1]))
+        if self.dim is None:
+            if self.rows:  # pragma: no cover - rows only grow with embeddings
+                raise ValueError("cells with embeddings after cells without embeddings")
+            self._start(int(emb.shape[1]))
+        elif emb.shape[1] != self.dim:
+            raise ValueError(f"{emb.shape[1]}-d embeddings cannot follow {self.dim}-d embeddings")
         self._file.file.write(np.ascontiguousarray(emb, np.float16).tobytes())  # type: ignore[union-attr]
         self.rows += len(emb)
 
     def finish(self) -> None:
         if self._file is None:
-            return
+            if self.empty_dim is None:
+                return
+            self._start(self.empty_dim)
         try:
             fh = self._file.file
             fh.seek(0)  # type: ignore[union-attr]
@@ -223,8 +225,8 @@ class CellOutputWriter:
         wsi_metadata: CellViT++ ``wsi_metadata``.
         geojson_meta: extra metadata in the GeoJSON collection.
         id_seed: makes GeoJSON feature ids deterministic UUIDs (same input + model -> same ids, e.g. after resume).
-        embedding_dim: width D of the cells' embeddings (None: taken from the first cells, or no embeddings); with
-            it, an output without cells still gets its (0, D) ``embeddings.npy``.
+        embedding_dim: width D of the cells' embeddings, for the (0, D) ``embeddings.npy`` of an output without
+            cells (an empty CellSet with embeddings also gives it; None and no such CellSet: no file).
         final: where ``folder`` will end up, for error messages (default ``folder``).
         h5ad: also write ``cells.h5ad`` (skipped with one warning when h5py / anndata are missing).
     """
@@ -247,10 +249,8 @@ class CellOutputWriter:
         self.h5ad: H5ADCellWriter | None = None
         self.streams: dict[str, Any] = {}
         self.embeddings = _NpyAppender(self.folder / "embeddings.npy")
+        self.embeddings.empty_dim = embedding_dim
         try:
-            if embedding_dim is not None:
-                with writing(self.final / "embeddings.npy"):
-                    self.embeddings.start(embedding_dim)
             name = "cells.geojson.gz" if gzip_geojson else "cells.geojson"
             self.geojson = self._open(GeoJSONWriter, name, metadata=geojson_meta, id_seed=id_seed)
             self.cellvit = self._open(CellViTJSONWriter, "cells.json", type_map=type_map, wsi_metadata=wsi_metadata)
@@ -284,9 +284,8 @@ class CellOutputWriter:
             OutputWriteError: a file could not be written.
         """
         if not len(cells):
-            if cells.embeddings is not None:  # an empty output still records the embedding width
-                with writing(self.final / "embeddings.npy"):
-                    self.embeddings.start(cells.embeddings.shape[1])
+            if cells.embeddings is not None:  # the width of an output without cells, from the cells themselves
+                self.embeddings.empty_dim = int(cells.embeddings.shape[1])
             return
         for name, w in self.streams.items():
             with writing(self.final / name):
