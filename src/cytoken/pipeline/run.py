@@ -13,7 +13,7 @@ from cytoken.postprocess import HoverConfig
 from cytoken.types import CellSet
 from cytoken.weights import ModelInfo
 
-__all__ = ["run_info", "segment_image_file", "segment_slide_file", "type_map_of"]
+__all__ = ["embedding_dim_of", "run_info", "segment_image_file", "segment_slide_file", "type_map_of"]
 
 
 def type_map_of(cells_or_names: CellSet | tuple[str, ...]) -> dict[int, str]:
@@ -22,11 +22,17 @@ def type_map_of(cells_or_names: CellSet | tuple[str, ...]) -> dict[int, str]:
     return {0: "unclassified", **{i: n for i, n in enumerate(names, start=1)}}
 
 
+def embedding_dim_of(predictor: Predictor, config: SegmentConfig) -> int | None:
+    """Width D of the cell embeddings a run writes (None with ``--embeddings none`` or an unknown encoder)."""
+    spec = getattr(getattr(predictor.model, "encoder", None), "spec", None)
+    return None if config.embeddings == "none" or spec is None else int(spec.embed_dim)
+
+
 def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Predictor, **extra: Any) -> dict:
     """The parameters part of ``run.json``."""
     mc = predictor.model.config  # type: ignore[attr-defined]
     return {
-        "input": str(path),
+        "input": str(Path(path).absolute()),  # `classifier apply` redraws the overlay from it, from any folder
         "model": {"name": info.name, "sha256": info.sha256, "source": info.source, "licence": info.licence},
         "model_mpp": mc.mpp,
         "tile_size": config.tile_size or mc.tile_size,
@@ -82,6 +88,7 @@ def segment_image_file(
             },
             geojson_meta=meta,
             id_seed=f"{path.name}:{info.sha256}",
+            embedding_dim=embedding_dim_of(predictor, config),
         )
         try:
             writer.add(cells)

@@ -295,7 +295,7 @@ def _assemble(
     channels: ChannelPlan | None = None,
 ) -> dict:  # fmt: skip
     from cytoken.pipeline.classifier import classifier_record, relabel
-    from cytoken.pipeline.run import run_info, type_map_of
+    from cytoken.pipeline.run import embedding_dim_of, run_info, type_map_of
 
     mc = predictor.model.config  # type: ignore[attr-defined]
     names = tuple(mc.names) if mc.num_classes else ()
@@ -308,6 +308,7 @@ def _assemble(
             tmp, final=final, gzip_geojson=config.gzip_geojson, type_map=type_map_of(names),
             wsi_metadata={"base_mpp": slide.mpp, "target_patch_mpp": mc.mpp, "shape": list(slide.dimensions)},
             geojson_meta=meta, id_seed=f"{path.name}:{info.sha256}",
+            embedding_dim=embedding_dim_of(predictor, config.segment),  # (0, D) embeddings.npy without cells
         )  # fmt: skip
         try:
             for c in range(len(chunks)):
