@@ -162,4 +162,18 @@ def run(args: argparse.Namespace) -> int:
             )
         counts = ", ".join(f"{k} {v}" for k, v in summary["cells_per_class"].items()) or "none"
         print(f"{path.name}: {summary['cells']} cells ({counts}) -> {summary['output']}")
+        if "tiles_segmented" in summary:
+            print(slide_summary(summary))
     return 0
+
+
+def slide_summary(run: dict) -> str:
+    """The end-of-run lines of a slide run: tiles done and skipped, wall time by stage, peak memory."""
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in run.get("stage_seconds", {}).items())
+    tree = run.get("peak_rss_tree_mb")
+    return (
+        f"  tiles: {run['tiles_segmented']} segmented, {run['tiles_resumed']} resumed, "
+        f"{run['tiles_without_tissue']} skipped without tissue (grid of {run['tiles_in_grid']})\n"
+        f"  wall time {run['wall_seconds']:.1f} s ({stages}); peak memory {tree:.0f} MB with the worker processes "
+        f"({run['peak_rss_main_mb']:.0f} MB main process)"
+    )

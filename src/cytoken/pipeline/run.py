@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def segment_image_file(
     Multi-channel models read the file's channels by name (:func:`~cytoken.pipeline.image.load_input`); ``he``
     is an H&E image stacked with it as channels R, G, B.
     """
+    started = time.time()
     mc = predictor.model.config  # type: ignore[attr-defined]
     loaded = load_input(path, mc, mpp=mpp, he=he)
     cells = segment_image(loaded.image, predictor, loaded.mpp, config=config, progress=progress, he=loaded.he)
@@ -100,7 +102,8 @@ def segment_image_file(
                     image_size=list(loaded.size),
                     **({"channels": cells.meta["channels"]} if "channels" in cells.meta else {}),
                     classifier=classifier_record(classifier),
-                )
+                ),
+                started=started,
             )
         except BaseException:
             writer.abort()

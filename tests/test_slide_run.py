@@ -1,0 +1,186 @@
+"""Slide runs that go wrong or end: a tile that cannot be read mid-run, the end-of-run summary, killed runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cytoken.cli.main import main
+from cytoken.pipeline.image import SegmentConfig
+from cytoken.pipeline.procs import descendants
+from cytoken.pipeline.slide import SlideConfig, segment_slide
+from cytoken.types import CytokenError
+from cytoken.weights import ModelInfo
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pipeline_image import Oracle, disks, encode
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PYRAMID = SHARED / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"
+needs_pyramid = pytest.mark.skipif(not PYRAMID.is_file(), reason=f"{PYRAMID} not present")
+INFO = ModelInfo(name="oracle", sha256="0" * 64, source="test")
+
+
+def _tiled_tiff(path: Path, rgb: np.ndarray) -> Path:
+    """A zlib-compressed TIFF in 64 x 64 tiles."""
+    tifffile.imwrite(path, rgb, tile=(64, 64), compression="zlib", photometric="rgb")
+    return path
+
+
+def _corrupt_tile(path: Path, index: int) -> None:
+    """Overwrite the compressed bytes of one TIFF tile with junk (the header and every other tile stay valid)."""
+    with tifffile.TiffFile(path) as tf:
+        offset, count = tf.pages[0].dataoffsets[index], tf.pages[0].databytecounts[index]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\xa5" * count
+    path.write_bytes(bytes(data))
+
+
+def _config(read_workers: int, resume: bool = False) -> SlideConfig:
+    return SlideConfig(segment=SegmentConfig(batch_size=2), mpp=0.25, detect_tissue=False, read_workers=read_workers,
+                       decode_workers=0, resume=resume)  # fmt: skip
+
+
+@pytest.mark.parametrize("read_workers", [0, 1])
+def test_tile_that_fails_to_read_mid_run_is_one_clear_error_and_resumable(tmp_path: Path, read_workers: int) -> None:
+    good = encode(disks((512, 512), 60, seed=7, r=(5, 9)))
+    path = _tiled_tiff(tmp_path / "slide.tif", good)
+    fresh = segment_slide(path, tmp_path / "fresh", Oracle(tile=128, overlap=48), INFO, _config(0), progress=False)
+    _corrupt_tile(path, 4 * 8 + 4)  # TIFF tile at x, y = 256..320: grid tiles 14, 15, 20, 21 (stride 80) read it
+    out = tmp_path / "out"
+    with pytest.raises(CytokenError) as info:
+        segment_slide(path, out, Oracle(tile=128, overlap=48), INFO, _config(read_workers), progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "DataLoader" not in message, message
+    where = "cannot read tile 14 (row 2, column 2; level-0 x=160 y=160 128x128 px): "
+    assert message.startswith(f"{path}: {where}"), message
+    assert "--resume" in message
+    assert not (out / "slide").exists(), "no output folder for a failed run"
+    work = out / ".slide.partial"
+    done = json.loads((work / "progress.json").read_text())["done"]
+    assert sorted(done) == list(range(7)), "the 7 chunks (14 tiles) before the bad tile are kept"
+    _tiled_tiff(path, good)  # the file is repaired (e.g. copied again): --resume finishes from the kept chunks
+    resumed = segment_slide(path, out, Oracle(tile=128, overlap=48), INFO, _config(read_workers, resume=True),
+                            progress=False)  # fmt: skip
+    assert resumed["tiles_resumed"] == 14 and resumed["tiles_segmented"] == fresh["tiles"] - 14
+    for name in ("cells.parquet", "cells.json", "embeddings.npy"):
+        assert (out / "slide" / name).read_bytes() == (tmp_path / "fresh" / "slide" / name).read_bytes(), name
+
+
+@needs_pyramid
+def test_cli_real_corrupt_pyramid_tile_read_in_a_worker(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The real 20x pyramid TIFF with bytes zeroed mid-file: it opens, then a tile read in the worker fails."""
+    path = tmp_path / "corrupt.tiff"
+    data = bytearray(PYRAMID.read_bytes())
+    data[300_000:1_200_000] = bytes(900_000)
+    path.write_bytes(bytes(data))
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((297, 222), 255, np.uint8)).save(mask)  # the thumbnail is unreadable too: give a mask
+    out = tmp_path / "out"
+    argv = ["segment", str(path), "--slide", "--out", str(out), "--model", str(tiny_model), "--quiet", "--tissue-mask",
+            str(mask), "--roi", "0,1500,600,400", "--read-workers", "1", "--decode-workers", "0"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"cytoken: error: {path}: cannot read tile 0 (row 0, column 0; level-0 x=0 y=1500 "), err
+    assert "corrupt or truncated file?" in err[0]
+    assert not (out / "corrupt").exists()
+    shutil.rmtree(out)
+
+
+def test_cli_slide_summary_counts_tiles_time_and_worker_memory(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rgb = np.full((400, 400, 3), 255, np.uint8)
+    rgb[:, :200] = encode(disks((400, 200), 30, seed=3, r=(5, 9)))  # tissue on the left half only
+    path = _tiled_tiff(tmp_path / "half.tif", rgb)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.repeat(np.array([[255, 0]], np.uint8), 2, axis=0)).save(mask)  # left half is tissue
+    out = tmp_path / "out"
+    argv = ["segment", str(path), "--slide", "--mpp", "0.25", "--out", str(out), "--model", str(tiny_model),
+            "--quiet", "--tissue-mask", str(mask), "--read-workers", "1", "--decode-workers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    run = json.loads((out / "half" / "run.json").read_text())
+    assert run["tiles_in_grid"] == 16 and run["tiles"] == 12  # 4 x 4 tiles of 128 px at stride 96; x < 200: 3 columns
+    assert run["tiles_segmented"] == 12 and run["tiles_resumed"] == 0 and run["tiles_without_tissue"] == 4
+    stages = run["stage_seconds"]
+    assert set(stages) == {"plan", "tiles", "assemble"}
+    assert run["wall_seconds"] >= sum(stages.values()) - 0.05 and run["wall_seconds"] > run["write_seconds"]
+    # two spawned workers each import torch (> 100 MB): the tree's peak is well above the main process's
+    assert run["peak_rss_tree_mb"] > run["peak_rss_main_mb"] + 150, run
+    counts = ", ".join(f"{k} {v}" for k, v in run["cells_per_class"].items()) or "none"
+    assert lines[0] == f"half.tif: {run['cells']} cells ({counts}) -> {out / 'half'}"
+    assert lines[1] == "  tiles: 12 segmented, 0 resumed, 4 skipped without tissue (grid of 16)"
+    assert lines[2].startswith(f"  wall time {run['wall_seconds']:.1f} s (plan ")
+    assert lines[2].endswith(f"peak memory {run['peak_rss_tree_mb']:.0f} MB with the worker processes "
+                             f"({run['peak_rss_main_mb']:.0f} MB main process)")  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a container's init may never reap orphans)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_killed_run_leaves_no_worker_processes(tmp_path: Path, tiny_model: Path) -> None:
+    """SIGKILL of `cytoken segment` mid-run: its reader and decoder worker processes die with it."""
+    path = _tiled_tiff(tmp_path / "big.tif", encode(disks((1600, 1600), 400, seed=1, r=(5, 9))))
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(mask)  # every tile is tissue
+    cmd = [sys.executable, "-m", "cytoken.cli.main", "segment", str(path), "--slide", "--mpp", "0.25", "--out",
+           str(tmp_path / "out"), "--model", str(tiny_model), "--quiet", "--read-workers", "1", "--decode-workers", "1",
+           "--batch-size", "2", "--tissue-mask", str(mask)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        workers: list[int] = []
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            kids = descendants(proc.pid)
+            workers = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
+            if len(workers) >= 2 and (tmp_path / "out" / ".big.partial" / "chunks" / "000000.npz").is_file():
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and len(workers) >= 2, "the run ended before both workers were seen"
+        kids = descendants(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.1)
+    left = [k for k in kids if _alive(k)]
+    for k in left:  # do not leave them to the next test
+        os.kill(k, signal.SIGKILL)
+    assert not left, f"worker processes outlived the killed run: {left}"
+
+
+def test_rerun_removes_the_temporary_folders_a_killed_run_left(tmp_path: Path) -> None:
+    path = tmp_path / "s.png"
+    Image.fromarray(encode(disks((200, 200), 10, seed=1, r=(5, 9)))).save(path)
+    out = tmp_path / "out"
+    stale = [out / ".s.k2j_9x0a.tmp", out / ".s.00000000.tmp"]  # tempfile.mkdtemp names of an interrupted run
+    keep = [out / ".s.other.k2j_9x0a.tmp", out / ".sx.k2j_9x0a.tmp", out / "s.k2j_9x0a.tmp"]  # not this slide's
+    for d in stale + keep:
+        (d / "cells.parquet").parent.mkdir(parents=True)
+        (d / "cells.parquet").write_bytes(b"partial")
+    segment_slide(path, out, Oracle(tile=128, overlap=48), INFO, _config(0, resume=True), progress=False)
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in keep)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".s.")) == [".s.other.k2j_9x0a.tmp"]
