@@ -184,3 +184,36 @@ def test_rerun_removes_the_temporary_folders_a_killed_run_left(tmp_path: Path) -
     segment_slide(path, out, Oracle(tile=128, overlap=48), INFO, _config(0, resume=True), progress=False)
     assert not any(d.exists() for d in stale) and all(d.exists() for d in keep)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".s.")) == [".s.other.k2j_9x0a.tmp"]
+
+
+def test_geopandas_reads_slide_geojson(tmp_path: Path, tiny_model: Path) -> None:
+    """cells.geojson.gz (default) through GDAL's /vsigzip/; --plain-geojson writes cells.geojson for read_file."""
+    gpd = pytest.importorskip("geopandas")
+    import pyarrow.parquet as pq
+
+    gt = disks((300, 300), 30, seed=5, r=(5, 9))
+    path = tmp_path / "s.png"
+    Image.fromarray(encode(gt)).save(path)
+    segment_slide(path, tmp_path / "gz", Oracle(tile=128, overlap=48), INFO, _config(0), progress=False)
+    folder = tmp_path / "gz" / "s"
+    assert not (folder / "cells.geojson").exists()
+    with pytest.raises(Exception, match="not recognized"):  # why the docs say /vsigzip/
+        gpd.read_file(folder / "cells.geojson.gz")
+    df = gpd.read_file(f"/vsigzip/{folder / 'cells.geojson.gz'}")
+    assert df.crs is not None  # GeoJSON implies WGS 84; the coordinates are slide pixels: drop it
+    df = df.set_crs(None, allow_override=True)
+    table = pq.read_table(folder / "cells.parquet").to_pandas()
+    assert len(df) == len(table) == gt.max()
+    assert list(df["cell_id"]) == list(table["id"]) and df.geometry.is_valid.all()
+    np.testing.assert_allclose(df.geometry.centroid.x, table["x"], atol=1.0)
+    gt_at = gt[np.rint(df.geometry.centroid.y).astype(int), np.rint(df.geometry.centroid.x).astype(int)]
+    assert (gt_at > 0).all()  # polygons in level-0 pixels of the slide
+
+    out, mask = tmp_path / "plain", tmp_path / "mask.png"
+    Image.fromarray(np.full((30, 30), 255, np.uint8)).save(mask)
+    argv = ["segment", str(path), "--slide", "--mpp", "0.25", "--out", str(out), "--model", str(tiny_model), "--quiet",
+            "--read-workers", "0", "--decode-workers", "0", "--plain-geojson", "--tissue-mask", str(mask)]  # fmt: skip
+    assert main(argv) == 0
+    assert not (out / "s" / "cells.geojson.gz").exists()
+    plain = gpd.read_file(out / "s" / "cells.geojson")
+    assert len(plain) == json.loads((out / "s" / "run.json").read_text())["cells"]

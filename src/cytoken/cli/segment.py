@@ -83,6 +83,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="slides: continue an interrupted run")
     p.add_argument("--read-workers", type=int, default=1, help="slides: tile-reading processes (default 1)")
     p.add_argument("--decode-workers", type=int, default=1, help="slides: post-processing processes (default 1)")
+    p.add_argument(
+        "--plain-geojson",
+        action="store_true",
+        help="slides: write cells.geojson uncompressed instead of cells.geojson.gz (geopandas reads the .gz as "
+        "gpd.read_file('/vsigzip/PATH'); QuPath 0.4+ reads both)",
+    )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -144,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 path, out, predictor, info, config, mpp=args.mpp, progress=not args.quiet,
                 roi=parse_roi(args.roi) if args.roi else None, tissue_mask=args.tissue_mask, resume=args.resume,
                 read_workers=max(0, args.read_workers), decode_workers=max(0, args.decode_workers),
-                classifier=bundle,
+                classifier=bundle, gzip_geojson=not args.plain_geojson,
             )  # fmt: skip
         else:
             show = not args.quiet and len(args.inputs) < 2

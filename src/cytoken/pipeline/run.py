@@ -127,10 +127,15 @@ def segment_slide_file(
     read_workers: int = 1,
     decode_workers: int = 1,
     classifier: Any = None,
+    gzip_geojson: bool = True,
 ) -> dict[str, Any]:
-    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`)."""
+    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`).
+
+    ``gzip_geojson=False`` writes ``cells.geojson`` instead of ``cells.geojson.gz``.
+    """
     from cytoken.pipeline.slide import SlideConfig, segment_slide
 
     cfg = SlideConfig(segment=config, mpp=mpp, roi=roi, tissue_mask=tissue_mask, resume=resume,
-                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier)  # fmt: skip
+                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier,
+                      gzip_geojson=gzip_geojson)  # fmt: skip
     return segment_slide(path, out_dir, predictor, info, cfg, progress=progress)
