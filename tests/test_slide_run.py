@@ -28,7 +28,9 @@ from test_pipeline_image import Oracle, disks, encode
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PYRAMID = SHARED / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"
+SVS = SHARED / "wsi" / "CMU-1-Small-Region.svs"
 needs_pyramid = pytest.mark.skipif(not PYRAMID.is_file(), reason=f"{PYRAMID} not present")
+needs_both = pytest.mark.skipif(not (PYRAMID.is_file() and SVS.is_file()), reason=f"{PYRAMID} or {SVS} not present")
 INFO = ModelInfo(name="oracle", sha256="0" * 64, source="test")
 
 
@@ -217,3 +219,48 @@ def test_geopandas_reads_slide_geojson(tmp_path: Path, tiny_model: Path) -> None
     assert not (out / "s" / "cells.geojson.gz").exists()
     plain = gpd.read_file(out / "s" / "cells.geojson")
     assert len(plain) == json.loads((out / "s" / "run.json").read_text())["cells"]
+
+
+@needs_both
+def test_real_20x_pyramid_tiff_cells_in_level0_pixels(tmp_path: Path) -> None:
+    """The real 20x (0.499 µm/px) generic pyramid TIFF through the whole pipeline with the default model.
+
+    The slide is upsampled 2x to the model's 0.25 µm/px; the cells must come back in level-0 pixels: nuclei are
+    dark, so the grey level at the centroids is far below the grey level a few pixels away, or at 2x or 0.5x the
+    coordinates (model pixels, or a wrong level); and they agree with the same region of the SVS it was made from.
+    """
+    import pyarrow.parquet as pq
+
+    from cytoken.io.slide import open_slide
+    from cytoken.models.store import load_model
+    from cytoken.pipeline.predictor import Predictor
+    from cytoken.types import Bounds
+
+    model, info = load_model("cytoken-default")
+    predictor = Predictor(model, "cpu")
+    roi = Bounds(600, 900, 500, 400)  # level-0 px of a cell-dense region
+    tables = {}
+    for path, workers in ((PYRAMID, 1), (SVS, 0)):
+        cfg = SlideConfig(roi=roi, read_workers=workers, decode_workers=workers)
+        summary = segment_slide(path, tmp_path, predictor, info, cfg, progress=False)
+        assert summary["scale_to_model"] == pytest.approx(0.499 / 0.25, rel=1e-3)
+        tables[path] = pq.read_table(tmp_path / path.stem / "cells.parquet").to_pandas()
+    cells, svs_cells = tables[PYRAMID], tables[SVS]
+    assert len(cells) > 60 and abs(len(cells) - len(svs_cells)) <= 0.1 * len(svs_cells)
+    assert cells["x"].between(roi.x - 1, roi.x1 + 1).all() and cells["y"].between(roi.y - 1, roi.y1 + 1).all()
+    with open_slide(PYRAMID) as slide:
+        grey = slide.read_region(Bounds(0, 0, *slide.dimensions), slide.mpp).mean(axis=2)
+
+    def mean_grey(x: np.ndarray, y: np.ndarray) -> float:
+        xi = np.clip(np.rint(x).astype(int), 0, grey.shape[1] - 1)
+        yi = np.clip(np.rint(y).astype(int), 0, grey.shape[0] - 1)
+        return float(grey[yi, xi].mean())
+
+    x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
+    at = mean_grey(x, y)
+    around = np.mean([mean_grey(x + dx, y + dy) for dx, dy in ((8, 0), (-8, 0), (0, 8), (0, -8))])
+    assert at < 80 and around - at > 60, (at, around)  # measured: 40 at the centroids, 149 eight pixels away
+    assert mean_grey(2 * x, 2 * y) - at > 100 and mean_grey(x / 2, y / 2) - at > 100
+    a, b = cells[["x", "y"]].to_numpy(), svs_cells[["x", "y"]].to_numpy()
+    nearest = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min(axis=1)
+    assert (nearest < 3).mean() > 0.85  # measured: 95% within 3 px of an SVS cell, median 0.14 px
