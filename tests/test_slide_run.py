@@ -70,14 +70,24 @@ def test_tile_that_fails_to_read_mid_run_is_one_clear_error_and_resumable(tmp_pa
     assert "--resume" in message
     assert not (out / "slide").exists(), "no output folder for a failed run"
     work = out / ".slide.partial"
-    done = json.loads((work / "progress.json").read_text())["done"]
-    assert sorted(done) == list(range(7)), "the 7 chunks (14 tiles) before the bad tile are kept"
+    lines = (work / "done.jsonl").read_text().splitlines()
+    assert [json.loads(line)["chunk"] for line in lines] == list(range(7)), "the 7 chunks before the bad tile"
+    with open(work / "done.jsonl", "a") as fh:
+        fh.write('{"chunk": 7')  # a line cut short by a kill: ignored
+    if read_workers == 0:  # a partial folder of cytoken 0.1 (progress.json with the plan and the done list)
+        legacy = tmp_path / "legacy" / ".slide.partial"
+        shutil.copytree(work, legacy)
+        plan = json.loads((legacy / "plan.json").read_text())
+        (legacy / "progress.json").write_text(json.dumps({"plan": plan, "done": list(range(7))}))
+        (legacy / "plan.json").unlink()
+        (legacy / "done.jsonl").unlink()
     _tiled_tiff(path, good)  # the file is repaired (e.g. copied again): --resume finishes from the kept chunks
-    resumed = segment_slide(path, out, Oracle(tile=128, overlap=48), INFO, _config(read_workers, resume=True),
-                            progress=False)  # fmt: skip
-    assert resumed["tiles_resumed"] == 14 and resumed["tiles_segmented"] == fresh["tiles"] - 14
-    for name in ("cells.parquet", "cells.json", "embeddings.npy"):
-        assert (out / "slide" / name).read_bytes() == (tmp_path / "fresh" / "slide" / name).read_bytes(), name
+    for folder in (out, tmp_path / "legacy") if read_workers == 0 else (out,):
+        resumed = segment_slide(path, folder, Oracle(tile=128, overlap=48), INFO, _config(read_workers, resume=True),
+                                progress=False)  # fmt: skip
+        assert resumed["tiles_resumed"] == 14 and resumed["tiles_segmented"] == fresh["tiles"] - 14
+        for name in ("cells.parquet", "cells.json", "embeddings.npy"):
+            assert (folder / "slide" / name).read_bytes() == (tmp_path / "fresh" / "slide" / name).read_bytes(), name
 
 
 @needs_pyramid

@@ -8,8 +8,9 @@ Stages, overlapped:
 3. **Decode** (a process pool): HoVer post-processing of each tile; a tile keeps only the cells whose centroid lies
    in its core (:meth:`TileGrid.keep`), so every cell is kept exactly once, decided per tile as tiles finish.
 4. **Spill**: each finished *chunk* (a fixed group of ``batch_size`` consecutive tiles) is written to
-   ``<out>/.<stem>.partial/chunks/`` with its cells already in level-0 slide pixels; ``progress.json`` records
-   finished chunks. Memory holds at most a few chunks, whatever the slide size.
+   ``<out>/.<stem>.partial/chunks/`` with its cells already in level-0 slide pixels; ``plan.json`` (written once)
+   records the run's settings and tiles, ``done.jsonl`` gets one line per finished chunk (append-only, so its cost
+   does not grow with the slide). Memory holds at most a few chunks, whatever the slide size.
 5. **Assemble**: chunks are streamed in order into the output files (ids 1..N), inside an atomic folder.
 
 ``--resume`` skips finished chunks; chunks are fixed groups of tiles, so a resumed run computes exactly the same
@@ -18,6 +19,7 @@ batches and writes byte-identical cell files.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -242,19 +244,45 @@ def segment_slide(
     return summary
 
 
+_PLAN, _DONE, _LEGACY = "plan.json", "done.jsonl", "progress.json"  # progress.json: cytoken <= 0.1 partial folders
+
+
 def _prepare_workdir(work: Path, plan_key: dict, resume: bool) -> set[int]:
-    prog = work / "progress.json"
-    if resume and prog.is_file():
-        state = json.loads(prog.read_text())
-        if state.get("plan") != plan_key:
+    """Start a fresh work folder, or (``resume``) check the earlier run's plan and return its finished chunks."""
+    plan, legacy = work / _PLAN, work / _LEGACY
+    if resume and (plan.is_file() or legacy.is_file()):
+        if plan.is_file():
+            earlier, done = json.loads(plan.read_text()), _done_chunks(work)
+        else:
+            state = json.loads(legacy.read_text())
+            earlier, done = state.get("plan"), {int(c) for c in state.get("done", [])}
+        if earlier != plan_key:
             raise CytokenError(f"--resume: {work} belongs to a run with other settings (slide, model, tiles or "
                                "batch size differ); remove it or rerun without --resume")  # fmt: skip
-        return {int(c) for c in state["done"] if (work / "chunks" / f"{int(c):06d}.npz").is_file()}
+        return {c for c in done if (work / "chunks" / f"{c:06d}.npz").is_file()}
     if work.exists():
         shutil.rmtree(work)
     (work / "chunks").mkdir(parents=True)
-    atomic_write_text(prog, json.dumps({"plan": plan_key, "done": []}))
+    atomic_write_text(plan, json.dumps(plan_key))
     return set()
+
+
+def _done_chunks(work: Path) -> set[int]:
+    """Chunks listed in ``done.jsonl``; a last line cut short by a kill is ignored."""
+    done: set[int] = set()
+    try:
+        lines = (work / _DONE).read_text().splitlines()
+    except FileNotFoundError:
+        return done
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            done.add(int(json.loads(line)["chunk"]))
+    return done
+
+
+def _record_done(work: Path, chunk: int) -> None:
+    with writing(work / _DONE), open(work / _DONE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"chunk": chunk}) + "\n")
 
 
 def _remove_stale_tmp(out_dir: Path, stem: str) -> None:
@@ -290,7 +318,6 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
         bar = tqdm(total=len(tiles), initial=sum(len(chunks[c]) for c in done), desc="tiles", unit="tile",
                    dynamic_ncols=True)  # fmt: skip
     pending: deque[tuple[int, list[Future | CellSet]]] = deque()
-    state = json.loads((work / "progress.json").read_text())
 
     def flush(block: bool) -> None:
         while pending and (block or all(not isinstance(f, Future) or f.done() for f in pending[0][1])):
@@ -300,8 +327,7 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
             with writing(work / "chunks" / f"{c:06d}.npz"):
                 if cells is not None:
                     save_cells(cells, work / "chunks" / f"{c:06d}.npz")
-                state["done"].append(c)
-                atomic_write_text(work / "progress.json", json.dumps(state))
+            _record_done(work, c)  # after the chunk file is complete
             if bar is not None:
                 bar.update(len(chunks[c]))
 
