@@ -8,7 +8,7 @@
    of the CMU-1 slide) in a temp dir, each segmented in a fresh subprocess with ``--roi``-free full runs; peak RSS
    of the process tree must stay flat (<= 1.2x from 1x to 16x, < 3 GB) and wall time should grow linearly.
 
-Run: ``python benchmarks/bench_slide.py [--model cytoken-default] [--sizes 1 4 16]``.
+Run: ``python benchmarks/bench_slide.py [--model cytoken-default] [--sizes 1 4 16] [--svs PATH]``.
 Writes benchmarks/results/slide.{json,md}.
 """
 
@@ -62,22 +62,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="cytoken-default")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16], help="area multiples (squares)")
+    ap.add_argument("--svs", type=Path, default=SVS, help=f"the CMU-1-Small-Region.svs file (default {SVS})")
     args = ap.parse_args()
+    svs = args.svs
     from cytoken.io.slide import open_slide
     from cytoken.types import Bounds
 
     results: dict = {"model": args.model}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        r = run_cli([str(SVS), "--out", str(tmp / "cmu"), "--model", args.model])
-        run = json.loads((tmp / "cmu" / SVS.stem / "run.json").read_text())
+        r = run_cli([str(svs), "--out", str(tmp / "cmu"), "--model", args.model])
+        run = json.loads((tmp / "cmu" / svs.stem / "run.json").read_text())
         results["cmu1_small_region"] = {
             "tiles": run["tiles"], "cells": run["cells"], "wall_s": round(r["wall_s"], 1),
             "tiles_per_s": round(run["tiles"] / r["wall_s"], 2), "peak_rss_mb": run["peak_rss_tree_mb"],
             "peak_rss_main_mb": run["peak_rss_main_mb"],
             "cpu_utilisation": round(r["cpu_utilisation"], 2), "cells_per_class": run["cells_per_class"],
         }  # fmt: skip
-        with open_slide(SVS) as s:
+        with open_slide(svs) as s:
             crop = s.read_region(Bounds(600, 900, 1024, 1024), s.mpp)
         flat = []
         for k in args.sizes:

@@ -274,3 +274,30 @@ def test_real_20x_pyramid_tiff_cells_in_level0_pixels(tmp_path: Path) -> None:
     a, b = cells[["x", "y"]].to_numpy(), svs_cells[["x", "y"]].to_numpy()
     nearest = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min(axis=1)
     assert (nearest < 3).mean() > 0.85  # measured: 95% within 3 px of an SVS cell, median 0.14 px
+
+
+def test_done_record_is_append_only_and_survives_a_cut_line(tmp_path: Path) -> None:
+    from cytoken.pipeline.slide import _done_chunks, _prepare_workdir, _record_done
+
+    work, plan = tmp_path / ".s.partial", {"slide": "s.svs", "tiles": [3, 4, 5]}
+
+    def finish(chunk: int) -> None:
+        (work / "chunks" / f"{chunk:06d}.npz").write_bytes(b"cells")
+        _record_done(work, chunk)
+
+    assert _prepare_workdir(work, plan, resume=False) == set()
+    finish(0)
+    finish(1)
+    assert (work / "done.jsonl").read_text() == '{"chunk": 0}\n{"chunk": 1}\n'  # one line per chunk, appended
+    with open(work / "done.jsonl", "a") as fh:
+        fh.write('{"chunk": 2')  # killed while writing the line
+    assert _prepare_workdir(work, plan, resume=True) == {0, 1}
+    finish(2)
+    assert _done_chunks(work) == {0, 1, 2}  # the cut line did not swallow the next one
+    (work / "progress.json").write_text(json.dumps({"plan": plan, "done": [0, 1]}))  # a cytoken 0.1 folder
+    (work / "plan.json").unlink()
+    (work / "done.jsonl").unlink()
+    assert _prepare_workdir(work, plan, resume=True) == {0, 1}
+    assert not (work / "progress.json").exists() and _done_chunks(work) == {0, 1}
+    with pytest.raises(CytokenError, match="other settings"):
+        _prepare_workdir(work, {**plan, "tiles": [3]}, resume=True)

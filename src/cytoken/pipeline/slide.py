@@ -259,7 +259,12 @@ def _prepare_workdir(work: Path, plan_key: dict, resume: bool) -> set[int]:
         if earlier != plan_key:
             raise CytokenError(f"--resume: {work} belongs to a run with other settings (slide, model, tiles or "
                                "batch size differ); remove it or rerun without --resume")  # fmt: skip
-        return {c for c in done if (work / "chunks" / f"{c:06d}.npz").is_file()}
+        done = {c for c in done if (work / "chunks" / f"{c:06d}.npz").is_file()}
+        # rewrite the record whole once: no cut last line for the next appends to continue, no legacy file
+        atomic_write_text(plan, json.dumps(plan_key))
+        atomic_write_text(work / _DONE, "".join(json.dumps({"chunk": c}) + "\n" for c in sorted(done)))
+        legacy.unlink(missing_ok=True)
+        return done
     if work.exists():
         shutil.rmtree(work)
     (work / "chunks").mkdir(parents=True)
