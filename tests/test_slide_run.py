@@ -150,6 +150,46 @@ def _alive(pid: int) -> bool:
         return False
 
 
+_CHILD = """
+import multiprocessing as mp, os, sys, time
+from cytoken.pipeline.procs import die_with_parent
+
+def child(parent, armed):
+    die_with_parent(parent)
+    armed.set()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    armed = ctx.Event()
+    p = ctx.Process(target=child, args=(os.getpid(), armed))
+    p.start()
+    armed.wait(30)
+    print(p.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_die_with_parent_kills_the_worker_when_the_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        assert _alive(child)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.05)
+    if _alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_killed_run_leaves_no_worker_processes(tmp_path: Path, tiny_model: Path) -> None:
     """SIGKILL of `cytoken segment` mid-run: its reader and decoder worker processes die with it."""
