@@ -73,6 +73,8 @@ def test_segment_amp_flag_reaches_the_predictor(tmp_path: Path, image: Path, tin
         ("text_mpp", "could not convert"),
         ("unwritable", "cannot|not a directory|exists"),
         ("no_mpp", "--mpp"),
+        ("huge_png", r"is over 178,956,970 px, too large to read as a single image; .*`cytoken segment --slide`"),
+        ("huge_unknown_extension", r"huge\.scan is over .* px, too large .*`cytoken segment --slide`"),
     ],
 )
 def test_segment_bad_inputs(case: str, pattern: str, tmp_path: Path, image: Path, tiny_model: Path,
@@ -114,6 +116,16 @@ def test_segment_bad_inputs(case: str, pattern: str, tmp_path: Path, image: Path
     elif case == "no_mpp":
         argv.remove("--mpp")
         argv.remove("0.25")
+    elif case.startswith("huge"):  # a PNG header of 20000 x 10000 px: image mode refuses it, --slide is the way
+        import struct
+        import zlib
+
+        ihdr = struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)
+        chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+        huge = tmp_path / ("huge.png" if case == "huge_png" else "huge.scan")
+        huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + end)
+        argv[1] = str(huge)
     if case.endswith("_mpp") and case != "no_mpp":  # argparse rejects it: one line too, exit 2, no usage dump
         with pytest.raises(SystemExit) as e:
             main(argv)

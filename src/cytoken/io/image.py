@@ -124,9 +124,10 @@ def _max_pixels() -> int:
 
 
 def _too_large(path: Path, width: int, height: int) -> CytokenError:
+    size = f"{width}x{height} px" if width and height else f"over {_max_pixels():,} px"
     return CytokenError(
-        f"{path} is {width}x{height} px, too large to read as a single image; "
-        "use the whole-slide (slide) command for large scans"
+        f"{path} is {size}, too large to read as a single image; segment it as a whole slide, streamed tile by "
+        "tile, with `cytoken segment --slide` (open_slide() in Python)"
     )
 
 

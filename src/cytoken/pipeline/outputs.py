@@ -295,8 +295,11 @@ class CellOutputWriter:
         self.counts.update(cells.class_name(int(c)) for c in cells.class_ids)
         self.n += len(cells)
 
-    def close(self, run_info: dict[str, Any]) -> dict[str, Any]:
+    def close(self, run_info: dict[str, Any], *, started: float | None = None) -> dict[str, Any]:
         """Finish every file and write ``run.json``; returns the run summary.
+
+        ``run.json`` gets ``wall_seconds``, the time since ``started`` (a ``time.time()`` value; default: since
+        this writer was made), and ``write_seconds``, the time spent writing the files.
 
         Raises:
             OutputWriteError: a file could not be written.
@@ -317,7 +320,8 @@ class CellOutputWriter:
             "cells": self.n,
             "cells_per_class": dict(sorted(self.counts.items())),
             "embedding_dim": self.embeddings.dim,
-            "wall_seconds": round(time.time() - self.t0, 3),
+            "wall_seconds": round(time.time() - (self.t0 if started is None else started), 3),
+            "write_seconds": round(time.time() - self.t0, 3),
             "versions": versions(),
         }
         with writing(self.final / "run.json"):

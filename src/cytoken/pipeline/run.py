@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def segment_image_file(
     Multi-channel models read the file's channels by name (:func:`~cytoken.pipeline.image.load_input`); ``he``
     is an H&E image stacked with it as channels R, G, B.
     """
+    started = time.time()
     mc = predictor.model.config  # type: ignore[attr-defined]
     loaded = load_input(path, mc, mpp=mpp, he=he)
     cells = segment_image(loaded.image, predictor, loaded.mpp, config=config, progress=progress, he=loaded.he)
@@ -107,7 +109,8 @@ def segment_image_file(
                     image_size=list(loaded.size),
                     **({"channels": cells.meta["channels"]} if "channels" in cells.meta else {}),
                     classifier=classifier_record(classifier),
-                )
+                ),
+                started=started,
             )
         except BaseException:
             writer.abort()
@@ -131,10 +134,15 @@ def segment_slide_file(
     read_workers: int = 1,
     decode_workers: int = 1,
     classifier: Any = None,
+    gzip_geojson: bool = True,
 ) -> dict[str, Any]:
-    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`)."""
+    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`).
+
+    ``gzip_geojson=False`` writes ``cells.geojson`` instead of ``cells.geojson.gz``.
+    """
     from cytoken.pipeline.slide import SlideConfig, segment_slide
 
     cfg = SlideConfig(segment=config, mpp=mpp, roi=roi, tissue_mask=tissue_mask, resume=resume,
-                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier)  # fmt: skip
+                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier,
+                      gzip_geojson=gzip_geojson)  # fmt: skip
     return segment_slide(path, out_dir, predictor, info, cfg, progress=progress)
