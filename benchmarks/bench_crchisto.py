@@ -15,10 +15,12 @@ Protocol:
    measurable here).
 3. For each n in ``--sizes`` (default 1, 5, 10, all): draw n training images at random (``numpy`` seed s); for
    n < all repeat with seeds 0..``--seeds``-1 and report mean ± sd. Model selection (hyper-parameter search and early
-   stopping) uses a stratified 20 % of the chosen images' labelled cells; the classifier is trained on the other
-   80 %. ``--trials N``: Optuna TPE search over hidden size, lr, weight decay and schedule (seed s, float32), best
-   configuration kept; ``--trials 0``: fixed ``TrainConfig`` defaults. Classes absent from a subset cannot be
-   learnt: the classifier is trained on the classes present and gives the others probability 0.
+   stopping) uses 20 % of the chosen images (at least one; split by image, like the held-out validation images,
+   see :func:`inner_split`); the classifier is fitted on the other images. A single image cannot be split by image:
+   its runs select on a stratified 20 % of its labelled cells. ``--trials N``: Optuna TPE search over hidden size,
+   lr, weight decay and schedule (seed s, float32), best configuration kept; ``--trials 0``: fixed ``TrainConfig``
+   defaults. Classes absent from the fitting images cannot be learnt: the classifier is trained on the classes
+   present and gives the others probability 0.
 4. Score on the matched cells of the 10 validation images: per-class precision/recall/F1, weighted and macro F1,
    accuracy, macro AUROC. "End-to-end" weighted F1 also counts every unmatched validation label as a miss of its
    class (detection and classification together).
@@ -53,33 +55,56 @@ OUT = ROOT / "benchmarks" / "results"
 SC_CNN_WEIGHTED_F1 = 0.784
 
 
-def inner_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of cell indices: ``fraction`` of each class with >= 2 cells (at least 1) to selection."""
+def inner_split(
+    y: np.ndarray, groups: np.ndarray, fraction: float, seed: int, *, attempts: int = 20
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Model-selection split of the chosen training images: ``(fit, select, how)`` cell indices.
+
+    By image (``how == "images"``): ``fraction`` of the images (at least one) go to selection, so selection sees
+    images the classifier was not fitted on, as the held-out validation images are. A draw whose fitting images
+    lack a class still keeps it out of selection; a draw whose selection would hold fewer than 2 of the fitted
+    classes is redrawn (up to ``attempts`` times). With one image there is nothing to split by image: a stratified
+    ``fraction`` of its cells per class goes to selection (``how == "cells"``).
+    """
     rng = np.random.default_rng(seed)
-    fit, sel = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        k = max(1, round(fraction * len(idx))) if len(idx) >= 2 else 0
-        sel.append(idx[:k])
-        fit.append(idx[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(sel))
+    names = np.unique(groups)
+    if len(names) < 2:
+        fit, sel = [], []
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            k = max(1, round(fraction * len(idx))) if len(idx) >= 2 else 0
+            sel.append(idx[:k])
+            fit.append(idx[k:])
+        return np.sort(np.concatenate(fit)), np.sort(np.concatenate(sel)), "cells"
+    k = max(1, round(fraction * len(names)))
+    for _ in range(attempts):
+        held = np.isin(groups, rng.permutation(names)[:k])
+        fitted = np.unique(y[~held])
+        sel = np.flatnonzero(held & np.isin(y, fitted))
+        if len(fitted) >= 2 and len(np.unique(y[sel])) >= 2:
+            return np.flatnonzero(~held), sel, "images"
+    raise ValueError(f"no split of the {len(names)} images gives selection images with 2 of the fitted classes")
 
 
-def train_one(x: np.ndarray, y: np.ndarray, n_classes: int, *, trials: int, seed: int) -> tuple[object, dict]:
-    """Train on the classes present in ``y``; returns a predict_proba over all ``n_classes`` and a summary."""
+def train_one(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, *, trials: int, seed: int
+) -> tuple[object, dict]:
+    """Train on the classes present in the fitting images; returns a predict_proba over all ``n_classes`` and a
+    summary."""
     from cytoken.classify import TrainConfig, search, train_classifier
 
-    present = np.unique(y)
-    if len(present) < 2:
-        raise ValueError(f"only class {present.tolist()} in the subset")
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"only class {np.unique(y).tolist()} in the subset")
+    fit, sel, how = inner_split(y, groups, 0.2, seed)
+    present = np.unique(y[fit])
+    if len(present) < 2 or len(np.unique(y[sel])) < 2:
+        raise ValueError("the fitting or selection cells hold fewer than 2 classes")
     remap = np.full(n_classes, -1)
     remap[present] = np.arange(len(present))
-    fit, sel = inner_split(y, 0.2, seed)
-    if len(np.unique(y[sel])) < 2:
-        raise ValueError("the selection cells hold fewer than 2 classes")
     xf, yf, xs, ys = x[fit], remap[y[fit]], x[sel], remap[y[sel]]
     base = TrainConfig(batch_size=256, patience=10, seed=seed)
-    info: dict = {"classes_present": present.tolist(), "n_fit": len(fit), "n_select": len(sel)}
+    info: dict = {"classes_present": present.tolist(), "n_fit": len(fit), "n_select": len(sel), "selection": how,
+                  "select_images": sorted(set(groups[sel].tolist())) if how == "images" else None}  # fmt: skip
     t0 = time.time()
     if trials > 0:
         res = search(xf, yf, xs, ys, n_trials=trials, sampler="tpe", seed=seed, base_config=base,
@@ -154,7 +179,8 @@ def render_markdown(res: dict) -> str:
         "## Classification on the matched validation cells",
         "",
         f"Training: {'Optuna TPE, ' + str(res['trials']) + ' trials' if res['trials'] else 'fixed TrainConfig'} per "
-        "run, selection on a stratified 20 % of the chosen images' cells. Mean ± sd over the seeds "
+        "run; model selection on 20 % of the chosen images (at least one, split by image; a run on a single "
+        "image selects on a stratified 20 % of its cells). Mean ± sd over the seeds "
         f"({res['seeds']} per size below all images).",
         "",
         "| train images | runs | labelled cells | weighted F1 | macro F1 | accuracy | macro AUROC | "
@@ -250,8 +276,8 @@ def main() -> None:
             rec: dict = {"n_images": n, "seed": seed, "images": [g.rsplit("/", 1)[1] for g in chosen],
                          "train_cells": len(idx)}  # fmt: skip
             try:
-                proba_fn, info_run = train_one(train.embeddings[idx], train.labels[idx], n_classes, trials=trials,
-                                               seed=seed)  # fmt: skip
+                proba_fn, info_run = train_one(train.embeddings[idx], train.labels[idx], train.groups[idx], n_classes,
+                                               trials=trials, seed=seed)  # fmt: skip
             except ValueError as exc:
                 rec["error"] = str(exc)
                 runs.append(rec)

@@ -67,8 +67,14 @@ def test_segment_amp_flag_reaches_the_predictor(tmp_path: Path, image: Path, tin
         ("wrong_arch", "do not fit|not a cytoken segmenter"),
         ("bad_mpp", "outside the plausible range"),
         ("negative_mpp", "positive"),
+        ("zero_mpp", "positive"),
+        ("nan_mpp", "positive"),
+        ("tiny_mpp", "outside the plausible range"),
+        ("text_mpp", "could not convert"),
         ("unwritable", "cannot|not a directory|exists"),
         ("no_mpp", "--mpp"),
+        ("huge_png", r"is over 178,956,970 px, too large to read as a single image; .*`cytoken segment --slide`"),
+        ("huge_unknown_extension", r"huge\.scan is over .* px, too large .*`cytoken segment --slide`"),
     ],
 )
 def test_segment_bad_inputs(case: str, pattern: str, tmp_path: Path, image: Path, tiny_model: Path,
@@ -100,8 +106,9 @@ def test_segment_bad_inputs(case: str, pattern: str, tmp_path: Path, image: Path
         argv[argv.index("--model") + 1] = str(tmp_path / "w.safetensors")
     elif case == "bad_mpp":
         argv[argv.index("--mpp") + 1] = "12"
-    elif case == "negative_mpp":
-        argv[argv.index("--mpp") + 1] = "-0.25"
+    elif case.endswith("_mpp") and case != "no_mpp":
+        argv[argv.index("--mpp") + 1] = {"negative_mpp": "-0.25", "zero_mpp": "0", "nan_mpp": "nan",
+                                         "tiny_mpp": "0.01", "text_mpp": "abc"}[case]  # fmt: skip
     elif case == "unwritable":
         blocker = tmp_path / "file"
         blocker.write_text("x")
@@ -109,16 +116,28 @@ def test_segment_bad_inputs(case: str, pattern: str, tmp_path: Path, image: Path
     elif case == "no_mpp":
         argv.remove("--mpp")
         argv.remove("0.25")
-    if case in ("bad_mpp", "negative_mpp"):  # argparse rejects it (exit 2) with its own one-line message
+    elif case.startswith("huge"):  # a PNG header of 20000 x 10000 px: image mode refuses it, --slide is the way
+        import struct
+        import zlib
+
+        ihdr = struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)
+        chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+        huge = tmp_path / ("huge.png" if case == "huge_png" else "huge.scan")
+        huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + end)
+        argv[1] = str(huge)
+    if case.endswith("_mpp") and case != "no_mpp":  # argparse rejects it: one line too, exit 2, no usage dump
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
-        assert re.search(pattern, capsys.readouterr().err)
+        err = capsys.readouterr().err
+        assert err.startswith("cytoken: error: segment: argument --mpp: ") and err.count("\n") == 1, err
+        assert re.search(pattern, err), err
         return
     msg = _error(capsys, argv)
     assert re.search(pattern, msg, re.IGNORECASE), msg
-    if out.exists():
-        assert not any(p.is_dir() and not p.name.startswith(".") for p in out.iterdir()), "partial output left"
+    left = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert left == [], f"partial output left: {left}"  # hidden temp folders and stray files count too
 
 
 @needs_data
@@ -191,6 +210,17 @@ def test_models_lists_the_default_with_licence_classifier_and_metrics(capsys: py
     # per-class metrics print as "class value" pairs, not as a Python dict
     assert "consep_patched_test_type_f1: other " in out and "{" not in out
     assert f"model card: {entry.card}" in out
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
+    for argv, command in ((["segment"], "segment"), (["classifier", "train", "--bogus"], "classifier train"), ([], "")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "usage:" not in err, err
+        assert err.startswith(f"cytoken: error: {command + ': ' if command else ''}"), err
+        assert f"(see 'cytoken {command + ' ' if command else ''}--help')" in err, err
 
 
 def test_every_option_has_help() -> None:

@@ -141,6 +141,16 @@ def test_ifimage_validates_shape_and_names():
     assert IFImage(np.zeros((3, 3)), ("x",)).data.shape == (1, 3, 3)
 
 
+def test_digit_strings_are_indices_unless_a_channel_has_that_name():
+    """What a command line passes (``--marker 1``): a name first, else a 0-based index, else an error listing both."""
+    img = IFImage(np.zeros((3, 2, 2)), ("DAPI", "CD3", "CD8"))
+    assert img.index("1") == 1 and img.index(" 2") == 2 and img.index("cd8") == 2
+    named = IFImage(np.zeros((2, 2, 2)), ("2", "1"))  # channels named by numbers: the name wins
+    assert named.index("1") == 1 and named.index(1) == 1 and named.index("2") == 0
+    with pytest.raises(CytokenError, match=r"channel index 3 out of range: 3 channels \['DAPI', 'CD3', 'CD8'\]"):
+        img.index("3")
+    with pytest.raises(CytokenError, match=r"channel '-1x' not found; available channels"):
+        img.index("-1x")
 # ---------------------------------------------------------------------------------------------- window-by-window reads
 @needs_shared
 def test_open_if_reads_the_real_qptiff_window_by_window():

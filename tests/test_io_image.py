@@ -58,11 +58,10 @@ def test_rgba_composited_on_white(tmp_path):
     assert img.array[-1, -1].tolist() == [255, 255, 255]
 
 
-def test_opaque_rgba_drops_alpha_silently(tmp_path):
+def test_opaque_rgba_drops_alpha_with_warning(tmp_path):
     rgba = np.dstack([_rgb(40, 40), np.full((40, 40), 255, np.uint8)])
     p = _save(rgba, tmp_path / "a.png")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(CytokenWarning, match="alpha channel dropped"):
         img = read_image(p, mpp=0.25)
     np.testing.assert_array_equal(img.array, rgba[..., :3])
 

@@ -150,21 +150,9 @@ def test_rasterize_cells_tile_equals_crop_of_whole():
 
 # --------------------------------------------------------------------------------------------- real tissue slide
 @pytest.fixture(scope="module")
-def slide():
-    if not CONSEP.exists():
-        pytest.skip("../shared/data not present")
+def slide(consep_mosaic):
     pytest.importorskip("SimpleITK", reason="SimpleITK (cytoken[labeling]) not installed")
-    from cytoken.classify.dataset import instance_types
-
-    hes, insts, types = [], [], []
-    for k, name in enumerate(SLIDE_TILES):
-        hes.append(np.asarray(Image.open(CONSEP / "images" / f"{name}.jpg").convert("RGB")))
-        inst = np.asarray(Image.open(CONSEP / "inst_maps" / f"{name}.png")).astype(np.int64)
-        insts.append(np.where(inst > 0, inst + 100_000 * k, 0))
-        types.append(np.asarray(Image.open(CONSEP / "type_maps" / f"{name}.png")))
-    he, inst = np.concatenate(hes, 1), np.concatenate(insts, 1)
-    ids, typ = instance_types(inst, np.concatenate(types, 1))
-    truth = typ == 2
+    he, inst, ids, truth = consep_mosaic(SLIDE_TILES, CONSEP)
     synth = synthesize_if(inst, ids[truth], he_mpp=HE_MPP, if_mpp=IF_MPP, seed=0)
     tr = register_tiled(
         he, synth.image, he_mpp=HE_MPP, tile_px=256, overview_mpp=1.0, config=RegistrationConfig(threads=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from cytoken.io.image import CytokenWarning
 from cytoken.io.slide import (
     ArraySlide,
     PILSlide,
@@ -203,14 +205,61 @@ def test_png_slide_and_wrong_extension_fallback(tmp_path: Path):
         np.testing.assert_array_equal(s.read_region(Bounds(0, 0, 160, 120), 0.5), img)
     fake = tmp_path / "renamed.svs"
     shutil.copy(png, fake)
-    with open_slide(fake, mpp=0.5) as s:  # OpenSlide and tifffile refuse it, Pillow opens it
+    with pytest.warns(CytokenWarning) as caught, open_slide(fake, mpp=0.5) as s:  # only Pillow opens it
         assert s.backend == "pil"
         np.testing.assert_array_equal(s.read_region(Bounds(0, 0, 160, 120), 0.5), img)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert str(caught[0].message).startswith(
+        f"{fake}: extension .svs implies the openslide backend, but the file opened with the pil backend (wrong "
+        "extension?); openslide: "  # then why OpenSlide refused it
+    )
     with pytest.raises(CytokenError, match="--mpp") as err:  # the mpp error is final, not "cannot open"
         open_slide(fake)
     assert "cannot open" not in str(err.value)
-    reopened = pickle.loads(pickle.dumps(open_slide(fake, mpp=0.5)))
+    with pytest.warns(CytokenWarning, match="wrong extension"):
+        reopened = pickle.loads(pickle.dumps(open_slide(fake, mpp=0.5)))
     assert reopened.mpp == 0.5 and reopened.dimensions == (160, 120)
+
+
+def test_warns_once_when_the_extension_does_not_match_the_backend(tmp_path: Path):
+    png = tmp_path / "img.png"
+    Image.fromarray(_image()).save(png)
+    tif = tmp_path / "img.tif"
+    tifffile.imwrite(tif, _image())  # untiled TIFF: tifffile, one of the two backends .tif implies
+    for path in (png, tif, tmp_path / "plain.ome.tif"):
+        if not path.exists():
+            tifffile.imwrite(path, _image(), tile=(64, 64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            open_slide(path, mpp=0.5).close()
+    cases = {"img.xyz": (png, "pil", "extension .xyz is not a known slide or image type"),
+             "noext": (tif, "tifffile", "extension (none) is not a known slide or image type"),
+             "tiff.png": (tif, "tifffile", "extension .png implies the pil backend"),
+             "png.ome.tif": (png, "pil", "extension .ome.tif implies the tifffile backend")}  # fmt: skip
+    for name, (source, backend, said) in cases.items():
+        renamed = tmp_path / name
+        shutil.copy(source, renamed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s = open_slide(renamed, mpp=0.5)
+        s.close()
+        assert s.backend == backend
+        assert len(caught) == 1 and caught[0].category is CytokenWarning, [str(w.message) for w in caught]
+        message = str(caught[0].message)
+        assert message.startswith(f"{renamed}: {said}") and f"the {backend} backend" in message, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a forced backend does not warn
+        open_slide(tmp_path / "img.xyz", mpp=0.5, backend="pil").close()
+
+
+@needs_shared
+def test_real_svs_renamed_warns_and_still_opens(tmp_path: Path):
+    renamed = tmp_path / "CMU.png"
+    shutil.copy(SVS, renamed)
+    with pytest.warns(CytokenWarning, match=r"extension \.png implies the pil backend, but the file opened with the "
+                      r"(openslide|tifffile) backend") as caught, open_slide(renamed) as s:  # fmt: skip
+        assert s.dimensions == CMU_DIMS
+    assert len(caught) == 1
 
 
 def test_unreadable_files_name_every_backend(tmp_path: Path):

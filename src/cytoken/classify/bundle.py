@@ -294,27 +294,35 @@ def load_bundle(
     return bundle
 
 
-def check_compatible(bundle: ClassifierBundle, model_sha256: str | None, dim: int | None) -> None:
+def check_compatible(
+    bundle: ClassifierBundle, model_sha256: str | None, dim: int | None, *, source: str | None = None
+) -> None:
     """Raise when a bundle was trained on embeddings of another model or width (None skips that check).
 
+    Args:
+        bundle: the classifier.
+        model_sha256: sha256 of the model whose embeddings it is about to classify.
+        dim: their width.
+        source: where those embeddings come from (a file or folder), named in the message; default "the current
+            model".
+
     Raises:
-        CytokenError: naming the bundle path, the bundle's value and the caller's value.
+        CytokenError: naming the bundle path, the bundle's value, the caller's value and ``source``.
 
     Example:
         >>> b = ClassifierBundle(Path("clf"), {}, (), (), 384, "a" * 64)
-        >>> check_compatible(b, "a" * 64, 1280)  # doctest: +ELLIPSIS
+        >>> check_compatible(b, "a" * 64, 1280, source="set.npz")
         Traceback (most recent call last):
         ...
-        cytoken.types.CytokenError: classifier bundle clf expects 384-d embeddings, but the current ...
+        cytoken.types.CytokenError: classifier bundle clf expects 384-d embeddings, but set.npz holds 1280-d ones
     """
     if dim is not None and int(dim) != bundle.embedding_dim:
-        raise CytokenError(
-            f"classifier bundle {bundle.path} expects {bundle.embedding_dim}-d embeddings, "
-            f"but the current model gives {int(dim)}-d"
-        )
+        has = f"the current model gives {int(dim)}-d" if source is None else f"{source} holds {int(dim)}-d ones"
+        raise CytokenError(f"classifier bundle {bundle.path} expects {bundle.embedding_dim}-d embeddings, but {has}")
     if model_sha256 is not None and model_sha256 != bundle.embedding_model_sha256:
+        of = "the current model has" if source is None else f"{source} holds embeddings of model"
         raise CytokenError(
             f"classifier bundle {bundle.path} was trained on embeddings of model sha256 "
-            f"{bundle.embedding_model_sha256}, but the current model has sha256 {model_sha256}; "
+            f"{bundle.embedding_model_sha256}, but {of} sha256 {model_sha256}; "
             "retrain the classifier on this model's embeddings"
         )

@@ -14,8 +14,8 @@ def mpp_arg(text: str) -> float:
     """Argparse type for µm/px values (0.05-5)."""
     try:
         return validate_mpp(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except ValueError as exc:  # argparse names the option itself: drop validate_mpp's "--mpp: " prefix
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--mpp: ")) from None
 
 
 def positive_int(text: str) -> int:

@@ -182,16 +182,47 @@ def _split(args: argparse.Namespace):
     from cytoken.pipeline.classifier import load_embedding_set
     from cytoken.types import CytokenError
 
+    if args.out.exists() and not args.overwrite:  # before any training, not after it
+        raise CytokenError(f"{args.out} already exists; pass --overwrite to replace it")
     cells, meta = load_embedding_set(args.data)
-    cells.check()
+    try:
+        cells.check()
+    except CytokenError as exc:
+        raise CytokenError(f"{args.data}: {exc}") from None
     if args.val_groups:
         val = set(read_split_file(args.val_groups))
         mask = np.isin(cells.groups, list(val))
         if not mask.any():
             raise CytokenError(f"{args.val_groups}: none of its ids is a group of {args.data}")
-        return cells.subset(np.flatnonzero(~mask)), cells.subset(np.flatnonzero(mask)), meta
-    s = split_by_group(cells.groups, val_fraction=args.val_fraction, seed=args.seed)
-    return cells.subset(s.train), cells.subset(s.val), meta
+        train, held = cells.subset(np.flatnonzero(~mask)), cells.subset(np.flatnonzero(mask))
+        how = f"the split of --val-groups {args.val_groups}"
+    else:
+        s = split_by_group(cells.groups, val_fraction=args.val_fraction, seed=args.seed)
+        train, held = cells.subset(s.train), cells.subset(s.val)
+        how = f"the split by image (--val-fraction {args.val_fraction}, --seed {args.seed})"
+    _check_split(args.data, train, held, how)
+    return train, held, meta
+
+
+def _check_split(data: Path, train, val, how: str) -> None:
+    """Refuse a split whose training part misses a class, or whose validation part has fewer than 2 classes."""
+    import numpy as np
+
+    from cytoken.types import CytokenError
+
+    names = train.class_names
+    missing = [names[i] for i in np.flatnonzero(np.bincount(train.labels, minlength=len(names)) == 0)]
+    if missing:
+        raise CytokenError(
+            f"{data}: class(es) {missing} have no training example in {how} (all their cells are in the validation "
+            "images); label them in more images, or choose another split (--seed, --val-fraction or --val-groups)"
+        )
+    present = [names[i] for i in np.unique(val.labels)]
+    if len(present) < 2:
+        raise CytokenError(
+            f"{data}: the validation images of {how} hold cells of {len(present)} class(es) {present}; AUROC needs "
+            "at least 2: choose another split (--seed, --val-fraction or --val-groups) or label more images"
+        )
 
 
 def _save(args: argparse.Namespace, trained, train, val, meta, extra: dict | None = None) -> None:
@@ -248,7 +279,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     cells, meta = load_embedding_set(args.data)
-    check_compatible(bundle, meta.get("model_sha256"), cells.embeddings.shape[1])
+    check_compatible(bundle, meta.get("model_sha256"), cells.embeddings.shape[1], source=str(args.data))
     if tuple(cells.class_names) != tuple(bundle.class_names):
         raise CytokenError(f"{args.data} has classes {list(cells.class_names)}, the bundle {list(bundle.class_names)}")
     report = evaluate(cells.labels, bundle.predict_proba(cells.embeddings), cells.class_names)

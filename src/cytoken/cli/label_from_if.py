@@ -15,23 +15,60 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "label-from-if",
         help="label H&E cells from an IF marker: register, threshold, overlap >= 15 %% -> positive",
         description="Registers the IF image onto the H&E (hematoxylin vs the nuclear channel; rigid/affine then "
-        "B-spline), thresholds the marker, and labels every H&E cell by the fraction of its area on the marker. "
-        "An image larger than --tile-px on a side is handled as a slide: the H&E is read tile by tile through the "
-        "slide readers (svs, ndpi, tiled TIFF, ...), the IF crop by crop (TIFF/OME-TIFF/QPTIFF), registered tile by "
-        "tile (overview from downsampled reads, then per-tile refinement) and thresholded with ONE threshold for the "
-        "whole slide, computed from a pooled histogram of the marker signal of all tiles; the marker mask is written "
-        "tile by tile as marker_mask.tif, so memory does not grow with the slide's area (only the per-cell tables "
-        "grow with the number of cells). "
-        "Writes registration.json, marker_mask.png (slides: .tif), labels.parquet, labels.csv, qc.png and "
-        "summary.json; "
-        "without --cells also segmentation/<H&E stem>/, the `cytoken segment` output whose cells were labelled.",
+        "B-spline), thresholds the marker, and labels every H&E cell by the fraction of its area on the "
+        "marker. An image larger than --tile-px on a side is handled as a slide: the H&E is read tile by tile "
+        "through the slide readers (svs, ndpi, tiled TIFF, ...), the IF crop by crop (TIFF/OME-TIFF/QPTIFF), "
+        "registered tile by tile (overview from block-averaged reads, then per-tile refinement) and "
+        "thresholded with ONE threshold for the whole slide, computed from a pooled histogram of the marker "
+        "signal of all tiles; the marker mask is written tile by tile as marker_mask.tif, so memory does not "
+        "grow with the slide's area (only the per-cell tables grow with the number of cells). Writes "
+        "registration.json, marker_mask.png (slides: .tif), labels.parquet, labels.csv, qc.png and "
+        "summary.json (with the registration quality), in image mode if_on_he.ome.tif (every IF channel "
+        "resampled onto the H&E grid), and without --cells segmentation/<H&E stem>/, the `cytoken segment` "
+        "output whose cells were labelled. Channels (--marker, --nuclear-channel) are given by name "
+        "(case-insensitive) or by 0-based index: a number selects by index unless a channel is named that "
+        "way. Registration that fails the nucleus guard stops the command with the measured numbers and "
+        "writes nothing.",
     )
     p.add_argument("--he", required=True, type=Path, help="H&E image (PNG/JPEG/TIFF)")
-    p.add_argument("--if", dest="if_path", required=True, type=Path, help="IF image (OME-TIFF, qptiff, TIFF/PNG)")
-    p.add_argument("--marker", required=True, help="IF channel to threshold (name or index)")
-    p.add_argument("--nuclear-channel", default="DAPI", help="IF nuclear channel (default DAPI)")
+    p.add_argument(
+        "--if",
+        dest="if_path",
+        required=True,
+        action="append",
+        metavar="IF",
+        help="IF image: one multi-channel file (OME-TIFF, qptiff, TIFF), or one single-channel file per channel, "
+        "repeated as NAME=FILE (e.g. --if DAPI=dapi.png --if CD3=cd3.tif; a FILE without NAME= is named by its "
+        "file stem)",
+    )
+    p.add_argument(
+        "--marker",
+        required=True,
+        help="IF channel to threshold: a name, or a 0-based index when no channel has that name",
+    )
+    p.add_argument(
+        "--nuclear-channel", default="DAPI", help="IF nuclear channel: name or 0-based index (default DAPI)"
+    )
     p.add_argument("--he-mpp", type=mpp_arg, default=None, help="µm/px of the H&E when the file does not say")
     p.add_argument("--if-mpp", type=mpp_arg, default=None, help="µm/px of the IF when the file does not say")
+    p.add_argument(
+        "--transform",
+        choices=("rigid", "affine"),
+        default="rigid",
+        help="linear registration stage: rigid (rotation + translation) or affine (rigid, then a full affine)",
+    )
+    p.add_argument(
+        "--bspline-grid-um",
+        type=_bspline_grid,
+        default=32.0,
+        help="B-spline control-point spacing in µm of the non-rigid stage; 0 or none = no B-spline (default 32)",
+    )
+    p.add_argument(
+        "--max-residual-px",
+        type=_positive_float,
+        default=4.0,
+        help="registration guard: largest accepted median nucleus residual in H&E pixels (default 4)",
+    )
     p.add_argument("--threshold", default="otsu", help="otsu, triangle, percentile:P or a fixed value")
     p.add_argument(
         "--background",
@@ -57,7 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--registration",
         type=Path,
         default=None,
-        help="reuse a saved registration.json (a tiled one switches to slide mode)",
+        help="reuse a saved registration.json (a tiled one switches to slide mode); the registration options "
+        "are then ignored",
     )
     p.add_argument(
         "--tile-px",
@@ -71,10 +109,82 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("skip", "overview"),
         default="skip",
         help="slide mode: tiles whose registration refinement fails are left out (skip: their cells get "
-        "no_coverage) or use the overview transform",
+        "no_coverage), or (overview) use the overview transform on those where it passes the same nucleus guard "
+        "(the others are still left out)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=run)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _bspline_grid(text: str) -> float | None:
+    """``--bspline-grid-um``: a spacing in µm, or None for 0 / none (no non-rigid stage)."""
+    if text.strip().lower() in ("none", "0", "0.0", "off"):
+        return None
+    return _positive_float(text)
+
+
+def _read_if_arg(values: list[str], mpp: float | None):
+    """``--if`` values -> the IF image: one multi-channel file, or single-channel files as NAME=FILE (or FILE)."""
+    from cytoken.io.ifimage import read_if
+    from cytoken.types import CytokenError
+
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
+        return read_if(Path(values[0]), mpp=mpp)
+    files: dict[str, Path] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or Path(v).exists():
+            name, path = Path(v).stem, v
+        name = name.strip()
+        if not name or not path:
+            raise CytokenError(f"--if {v!r}: give NAME=FILE (e.g. --if DAPI=dapi.png)")
+        if name.lower() in {k.lower() for k in files}:
+            raise CytokenError(f"--if: channel name {name!r} is given twice ({values})")
+        files[name] = Path(path)
+    return read_if(files, mpp=mpp)
+
+
+def _channel(key: str, image) -> str:
+    """A channel argument: the name when a channel has it, else digits as a 0-based index (resolved, or error)."""
+    return image.channel_names[image.index(key)]
+
+
+def _registration_config(args: argparse.Namespace, nuclear_channel: str):
+    """The RegistrationConfig of the command's registration options."""
+    from cytoken.labeling.registration import RegistrationConfig
+
+    return RegistrationConfig(
+        nuclear_channel=nuclear_channel,
+        linear=args.transform,
+        bspline_grid_um=args.bspline_grid_um,
+        max_residual_px=args.max_residual_px,
+    )
+
+
+def _tile_records(result) -> list[dict]:
+    """summary.json's per-tile entries of a slide result: bounds, used, refinement error, overview check error."""
+    tr = result.registration
+    overview_errors = tr.overview_errors or [None] * len(tr.tiles)
+    return [
+        {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e, "overview_error": oe}
+        for b, u, e, oe in zip(tr.tiles, result.tiles_used, tr.errors, overview_errors)
+    ]
+
+
+def _quality_dict(registration) -> dict | None:
+    """A registration's quality report as a JSON-ready dict (None when it has none)."""
+    q = registration.quality
+    return None if q is None else q.to_dict()
 
 
 def _threshold_config(text: str, background: str = "none", smooth_px: float = 0.0, min_object_px: int = 0):
@@ -165,40 +275,47 @@ def _segment(args: argparse.Namespace, dest: Path, slide: bool) -> Path:
     return dest / args.he.stem
 
 
+def _open_if_arg(values: list[str], mpp: float | None):
+    """Slide mode's IF: one multi-channel file opened for crop-by-crop reading, or single-channel files read whole."""
+    from cytoken.io.ifreader import open_if
+
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
+        return open_if(Path(values[0]), mpp=mpp)
+    return _read_if_arg(values, mpp)
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute the command."""
     from contextlib import ExitStack
 
     from cytoken.io.atomic import atomic_dir
     from cytoken.labeling.cell_labels import CellLabelConfig
-    from cytoken.labeling.registration import RegistrationConfig
     from cytoken.labeling.slide import label_from_if_slide
     from cytoken.labeling.tiled import TiledRegistration, read_registration
     from cytoken.labeling.workflow import label_from_if, write_outputs
     from cytoken.weights import file_sha256
 
-    tcfg = _threshold_config(args.threshold, args.background, args.smooth_px, args.min_object_px)
-    lcfg = CellLabelConfig(positive_fraction=args.overlap, negative_margin=args.negative_margin)
-    rcfg = RegistrationConfig(nuclear_channel=args.nuclear_channel)
     reg = read_registration(args.registration) if args.registration else None
     slide = isinstance(reg, TiledRegistration) or (reg is None and _he_is_large(args.he, args.tile_px))
     with ExitStack() as stack:
         if slide:  # read window by window: the H&E through open_slide, the IF crop by crop
-            from cytoken.io.ifreader import open_if
             from cytoken.io.slide import open_slide
 
             he = stack.enter_context(open_slide(args.he, mpp=args.he_mpp))
-            ifimg = stack.enter_context(open_if(args.if_path, mpp=args.if_mpp))
+            ifimg = _open_if_arg(args.if_path, args.if_mpp)
             he_mpp, shape = he.mpp, (he.dimensions[1], he.dimensions[0])
         else:
-            from cytoken.io.ifimage import read_if
             from cytoken.io.image import read_image
 
             loaded = read_image(args.he, args.he_mpp)
-            ifimg = read_if(args.if_path, mpp=args.if_mpp)
+            ifimg = _read_if_arg(args.if_path, args.if_mpp)
             he, he_mpp, shape = loaded.array, loaded.mpp, loaded.array.shape[:2]
-        ifimg.index(args.marker)  # unknown marker: clear error listing the channels, before any work
-        ifimg.index(args.nuclear_channel)
+        if hasattr(ifimg, "close"):
+            stack.callback(ifimg.close)
+        marker = _channel(args.marker, ifimg)  # unknown marker: clear error listing the channels, before any work
+        tcfg = _threshold_config(args.threshold, args.background, args.smooth_px, args.min_object_px)
+        lcfg = CellLabelConfig(positive_fraction=args.overlap, negative_margin=args.negative_margin)
+        rcfg = _registration_config(args, _channel(args.nuclear_channel, ifimg))
         cells = None if args.cells is None else _read_cells(args.cells, shape, slide)
         if hasattr(cells, "close"):
             stack.callback(cells.close)
@@ -217,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                 link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
             if slide:
                 result = label_from_if_slide(
-                    he, ifimg, cells, he_mpp=he_mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+                    he, ifimg, cells, he_mpp=he_mpp, marker=marker, registration=reg,  # type: ignore[arg-type]
                     tile_px=args.tile_px, registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
                     failed_tiles=args.failed_tiles, mask_path=tmp / "marker_mask.tif",
                 )  # fmt: skip
@@ -226,26 +343,23 @@ def run(args: argparse.Namespace) -> int:
                     "threshold": result.threshold,
                     "threshold_scope": "one threshold for the whole image, from the pooled histogram of all tiles",
                     "signal": result.stats,
-                    "tiles": [
-                        {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "used": bool(u), "error": e}
-                        for b, u, e in zip(result.registration.tiles, result.tiles_used, result.registration.errors)
-                    ],
-                    "overview_quality": str(result.registration.overview.quality),
+                    "tiles": _tile_records(result),
+                    "overview_quality": _quality_dict(result.registration.overview),
                 }
             else:
                 result = label_from_if(
-                    he, ifimg, cells, he_mpp=he_mpp, marker=args.marker, registration=reg,  # type: ignore[arg-type]
+                    he, ifimg, cells, he_mpp=he_mpp, marker=marker, registration=reg,  # type: ignore[arg-type]
                     registration_config=rcfg, threshold_config=tcfg, label_config=lcfg,
                 )  # fmt: skip
                 extra = {
                     "mode": "image",
                     "threshold": result.marker.threshold,
                     "signal": result.marker.stats,
-                    "quality": str(result.registration.quality),
+                    "quality": _quality_dict(result.registration),
                 }
             write_outputs(result, he, tmp, label_metadata=link)
             counts = result.labels.counts()
-            summary = {"counts": counts, "marker": args.marker, **extra}
+            summary = {"counts": counts, "marker": marker, **extra}
             if link is not None:
                 summary["cells"] = link
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cytoken.types import CytokenError
 
@@ -19,11 +20,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"cytoken: warning: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other cytoken error.
+
+    argparse's own ``error`` prints the whole usage block before the message; cytoken prints only
+    ``cytoken: error: <command>: <message> (see '<command> --help')`` and exits with status 2. Sub-parsers inherit
+    this class (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("cytoken").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"cytoken: error: {where}{message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (each command module adds its sub-parser)."""
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cytoken",
         description="Cell-level digital pathology on any machine: segment, classify and embed every nucleus.",
     )

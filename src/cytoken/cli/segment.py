@@ -83,6 +83,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="slides: continue an interrupted run")
     p.add_argument("--read-workers", type=int, default=1, help="slides: tile-reading processes (default 1)")
     p.add_argument("--decode-workers", type=int, default=1, help="slides: post-processing processes (default 1)")
+    p.add_argument(
+        "--plain-geojson",
+        action="store_true",
+        help="slides: write cells.geojson uncompressed instead of cells.geojson.gz (geopandas reads the .gz as "
+        "gpd.read_file('/vsigzip/PATH'); QuPath 0.4+ reads both)",
+    )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -144,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 path, out, predictor, info, config, mpp=args.mpp, progress=not args.quiet,
                 roi=parse_roi(args.roi) if args.roi else None, tissue_mask=args.tissue_mask, resume=args.resume,
                 read_workers=max(0, args.read_workers), decode_workers=max(0, args.decode_workers),
-                classifier=bundle,
+                classifier=bundle, gzip_geojson=not args.plain_geojson,
             )  # fmt: skip
         else:
             show = not args.quiet and len(args.inputs) < 2
@@ -162,4 +168,18 @@ def run(args: argparse.Namespace) -> int:
             )
         counts = ", ".join(f"{k} {v}" for k, v in summary["cells_per_class"].items()) or "none"
         print(f"{path.name}: {summary['cells']} cells ({counts}) -> {summary['output']}")
+        if "tiles_segmented" in summary:
+            print(slide_summary(summary))
     return 0
+
+
+def slide_summary(run: dict) -> str:
+    """The end-of-run lines of a slide run: tiles done and skipped, wall time by stage, peak memory."""
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in run.get("stage_seconds", {}).items())
+    tree = run.get("peak_rss_tree_mb")
+    return (
+        f"  tiles: {run['tiles_segmented']} segmented, {run['tiles_resumed']} resumed, "
+        f"{run['tiles_without_tissue']} skipped without tissue (grid of {run['tiles_in_grid']})\n"
+        f"  wall time {run['wall_seconds']:.1f} s ({stages}); peak memory {tree:.0f} MB with the worker processes "
+        f"({run['peak_rss_main_mb']:.0f} MB main process)"
+    )

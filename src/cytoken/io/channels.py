@@ -38,7 +38,15 @@ PERCENTILES = (0.5, 99.5)
 
 
 def channel_index(key: ChannelKey, names: Sequence[str], path: Path | None = None) -> int:
-    """Index of channel ``key`` (name, case-insensitive, or index) among ``names``; a clear error otherwise."""
+    """Index of channel ``key`` (name, case-insensitive, or index) among ``names``; a clear error otherwise.
+
+    A string of digits that is not a channel name is an index (so ``"1"`` from a command line selects the second
+    channel, unless a channel is named ``"1"``).
+
+    Example:
+        >>> channel_index("fitc", ["DAPI", "FITC"]), channel_index("1", ["DAPI", "FITC"]), channel_index(-1, ["DAPI"])
+        (1, 1, 0)
+    """
     where = f" in {path}" if path is not None else ""
     if isinstance(key, bool) or not isinstance(key, str | int | np.integer):
         raise CytokenError(f"channel must be a name or an index, got {key!r}")
@@ -50,6 +58,8 @@ def channel_index(key: ChannelKey, names: Sequence[str], path: Path | None = Non
     low = [n.lower() for n in names]
     if key.lower() in low:
         return low.index(key.lower())
+    if key.strip().isdigit():
+        return channel_index(int(key), names, path)
     raise CytokenError(f"channel {key!r} not found{where}; available channels: {list(names)}")
 
 

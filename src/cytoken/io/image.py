@@ -8,8 +8,8 @@ Conversions (each one announced with a :class:`CytokenWarning` through :func:`wa
 - 16-bit samples are reduced to 8 bits over the full range (``round(v / 257)``, so 65535 -> 255); data that
   use fewer bits (e.g. 12-bit, max 4095) will look dark and should be rescaled by the caller;
 - float samples in [0, 1] are scaled by 255;
-- an alpha channel is composited on white (``rgb * a + 255 * (1 - a)``); a warning is issued only when some
-  pixel is not fully opaque.
+- an alpha channel is composited on white (``rgb * a + 255 * (1 - a)``), or dropped when every pixel is opaque;
+  either way the warning says which.
 
 µm/px comes from, in order: the ``mpp`` argument; for TIFF files the Aperio ``MPP =`` description, the OME-XML
 ``PhysicalSizeX`` or the XResolution/YResolution tags with ResolutionUnit centimetre or inch. File values
@@ -124,9 +124,10 @@ def _max_pixels() -> int:
 
 
 def _too_large(path: Path, width: int, height: int) -> CytokenError:
+    size = f"{width}x{height} px" if width and height else f"over {_max_pixels():,} px"
     return CytokenError(
-        f"{path} is {width}x{height} px, too large to read as a single image; "
-        "use the whole-slide (slide) command for large scans"
+        f"{path} is {size}, too large to read as a single image; segment it as a whole slide, streamed tile by "
+        "tile, with `cytoken segment --slide` (open_slide() in Python)"
     )
 
 
@@ -351,6 +352,7 @@ def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
             a = alpha.astype(np.uint32)
             arr = ((color.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
         else:
+            _warn(f"{path}: alpha channel dropped (every pixel is opaque)")
             arr = color
     if arr.shape[2] == 1:
         _warn(f"{path}: grayscale image converted to RGB (H&E models expect colour)")

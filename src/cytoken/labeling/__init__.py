@@ -31,6 +31,7 @@ from cytoken.labeling.quality import RegistrationQuality, detect_nuclei, match_p
 from cytoken.labeling.registration import (
     Registration,
     RegistrationConfig,
+    assess,
     check_registration,
     hematoxylin,
     register,
@@ -64,6 +65,7 @@ __all__ = [
     "SyntheticIF",
     "ThresholdConfig",
     "TiledRegistration",
+    "assess",
     "check_registration",
     "compute_threshold",
     "detect_nuclei",

@@ -45,7 +45,15 @@ from cytoken.labeling.quality import (
 from cytoken.labeling.regconfig import RegistrationConfig, import_sitk
 from cytoken.types import CytokenError, validate_mpp
 
-__all__ = ["Registration", "RegistrationConfig", "check_registration", "fit_transform", "hematoxylin", "register"]
+__all__ = [
+    "Registration",
+    "RegistrationConfig",
+    "assess",
+    "check_registration",
+    "fit_transform",
+    "hematoxylin",
+    "register",
+]
 
 _FORMAT = "cytoken.registration/1"
 
@@ -326,14 +334,30 @@ def fit_transform(
     Raises:
         CytokenError: the images do not overlap / did not align, or (``config.check``) the guard refused it.
     """
-    sitk = import_sitk()
     cfg = config
+    fixed, moving = _working_planes(he_plane, he_plane_mpp, he_origin_px, if_plane, if_plane_mpp, if_origin_px, cfg)
+    return _fit(cfg, fixed, moving, initial, he_mpp)
+
+
+def _working_planes(
+    he_plane: np.ndarray,
+    he_plane_mpp: float,
+    he_origin_px: tuple[float, float],
+    if_plane: np.ndarray,
+    if_plane_mpp: float,
+    if_origin_px: tuple[float, float],
+    cfg: RegistrationConfig,
+) -> tuple[Any, Any]:
+    """Hematoxylin (fixed) and nuclear IF plane (moving), normalised, as SimpleITK images on the working grid."""
     work = cfg.working_mpp or max(he_plane_mpp, if_plane_mpp)
     fix_arr, fsp, forg = resample_to(normalise(he_plane), he_plane_mpp, work, he_origin_px)
     mov_arr, msp, morg = resample_to(normalise(if_plane), if_plane_mpp, work, if_origin_px)
-    fixed = to_sitk(fix_arr, fsp, forg)
-    moving = to_sitk(mov_arr, msp, morg)
+    return to_sitk(fix_arr, fsp, forg), to_sitk(mov_arr, msp, morg)
 
+
+def _fit(cfg: RegistrationConfig, fixed: Any, moving: Any, initial: Registration | None, he_mpp: float) -> tuple:
+    """The linear then B-spline stages, the quality report and (``cfg.check``) the guard."""
+    sitk = import_sitk()
     init = None if initial is None else initial.transform
     try:
         transform = run_linear(cfg, fixed, moving, init)
@@ -354,6 +378,62 @@ def fit_transform(
     if cfg.check:
         check_registration(quality, cfg)
     return transform, quality
+
+
+def _working_pair(
+    he_rgb: np.ndarray,
+    if_image: IFImage,
+    he_mpp: float,
+    cfg: RegistrationConfig,
+    he_origin_px: tuple[float, float],
+    if_origin_px: tuple[float, float],
+) -> tuple[Any, Any, int]:
+    """Hematoxylin (fixed) and nuclear IF channel (moving) as SimpleITK images on the working grid, and its index."""
+    if if_image.mpp is None:
+        raise CytokenError("the IF image has no µm/px; pass mpp= to read_if or set IFImage.mpp")
+    if he_rgb.ndim != 3 or he_rgb.shape[2] < 3 or he_rgb.shape[0] < 8 or he_rgb.shape[1] < 8:
+        raise ValueError(f"register expects an (H, W, 3) RGB H&E image of at least 8 x 8, got {he_rgb.shape}")
+    ch = if_image.index(cfg.nuclear_channel)
+    if_mpp = float(if_image.mpp)
+    fixed, moving = _working_planes(
+        hematoxylin(he_rgb), he_mpp, he_origin_px, if_image.data[ch], if_mpp, if_origin_px, cfg
+    )
+    return fixed, moving, ch
+
+
+def assess(
+    registration: Registration,
+    he_rgb: np.ndarray,
+    if_image: IFImage,
+    *,
+    config: RegistrationConfig | None = None,
+    if_origin_px: tuple[float, float] = (0.0, 0.0),
+) -> RegistrationQuality:
+    """The quality of a given registration on an H&E image (or tile) and the IF image (or crop), without fitting.
+
+    Measured as :func:`register` measures its own result (NMI and nucleus residuals before/after, on the working
+    grid of ``config``); apply :func:`check_registration` to judge it. Used to decide whether a slide's overview
+    transform may stand in for a tile whose refinement failed.
+
+    Args:
+        registration: the registration to judge; its ``he_origin_px`` places ``he_rgb`` in the full H&E image.
+        he_rgb: (H, W, 3) uint8 H&E image or tile.
+        if_image: the IF image or a crop of it (``mpp`` set).
+        config: working grid, nuclear channel and nucleus-detection settings (defaults: ``RegistrationConfig()``).
+        if_origin_px: (x, y) of ``if_image`` pixel (0, 0) in the full IF image, when it is a crop.
+
+    Returns:
+        The quality report.
+
+    Example:
+        >>> q = assess(tiled.overview, he_tile, if_crop, if_origin_px=(x0, y0))  # doctest: +SKIP
+        >>> check_registration(q)  # raises CytokenError with the numbers when it fails  # doctest: +SKIP
+    """
+    cfg = config or RegistrationConfig()
+    fixed, moving, _ = _working_pair(
+        np.asarray(he_rgb), if_image, registration.he_mpp, cfg, registration.he_origin_px, if_origin_px
+    )
+    return _quality(cfg, fixed, moving, registration.transform, registration.he_mpp)
 
 
 def register(
@@ -393,17 +473,10 @@ def register(
     import_sitk()  # a clear error when SimpleITK is missing, before any work
     cfg = config or RegistrationConfig()
     he_mpp = validate_mpp(he_mpp, source="register(he_mpp=...)")
-    if if_image.mpp is None:
-        raise CytokenError("the IF image has no µm/px; pass mpp= to read_if or set IFImage.mpp")
-    if_mpp = float(if_image.mpp)
     he_rgb = np.asarray(he_rgb)
-    if he_rgb.ndim != 3 or he_rgb.shape[2] < 3 or he_rgb.shape[0] < 8 or he_rgb.shape[1] < 8:
-        raise ValueError(f"register expects an (H, W, 3) RGB H&E image of at least 8 x 8, got {he_rgb.shape}")
-    ch = if_image.index(cfg.nuclear_channel)
-    transform, quality = fit_transform(
-        hematoxylin(he_rgb), he_mpp, he_origin_px, if_image.data[ch], if_mpp, if_origin_px, config=cfg,
-        he_mpp=he_mpp, initial=initial,
-    )  # fmt: skip
+    fixed, moving, ch = _working_pair(he_rgb, if_image, he_mpp, cfg, he_origin_px, if_origin_px)
+    if_mpp = float(if_image.mpp)  # type: ignore[arg-type]  # checked by _working_pair
+    transform, quality = _fit(cfg, fixed, moving, initial, he_mpp)
     return Registration(
         transform=transform,
         he_shape=(int(he_rgb.shape[0]), int(he_rgb.shape[1])),

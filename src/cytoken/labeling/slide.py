@@ -27,7 +27,9 @@ running pixel counts are kept, so nothing of size (H, W) is held (the overview r
 the (H, W) bool marker mask and IF overlap are returned (1 byte per pixel each).
 
 Tiles whose refinement failed are left out by default (``failed_tiles="skip"``: their pixels are not valid, so
-their cells come out ``no_coverage``); ``"overview"`` uses the overview transform there instead. When no tile is
+their cells come out ``no_coverage``); ``"overview"`` uses the overview transform there instead, but only on the
+tiles where that transform passed the nucleus guard
+(:attr:`~cytoken.labeling.tiled.TiledRegistration.overview_errors`); the others are still skipped. When no tile is
 usable, or the slide-wide mask is empty or all positive, :class:`~cytoken.types.CytokenError` is raised with the
 numbers, and nothing is labelled.
 """
@@ -115,7 +117,7 @@ def _usable(tr: TiledRegistration, failed_tiles: FailedTiles) -> np.ndarray:
     if failed_tiles not in ("skip", "overview"):
         raise ValueError(f"failed_tiles must be 'skip' or 'overview', got {failed_tiles!r}")
     ok = np.array([r is not None for r in tr.registrations], bool)
-    return np.ones_like(ok) if failed_tiles == "overview" else ok
+    return ok | tr.overview_usable() if failed_tiles == "overview" else ok
 
 
 def _tile_signal(
@@ -212,7 +214,8 @@ def slide_threshold(
         if_image: the IF image (with ``mpp``), in memory or as an :class:`~cytoken.io.ifreader.IFReader`.
         marker: the channel to threshold (name or index).
         config: the signal and threshold settings (``method`` is applied to the pooled histogram).
-        failed_tiles: ``"skip"`` tiles whose refinement failed, or use the ``"overview"`` transform there.
+        failed_tiles: ``"skip"`` tiles whose refinement failed, or use the ``"overview"`` transform on those of
+            them where it passed the nucleus guard (:meth:`TiledRegistration.overview_usable`).
         bins: fine histogram bins over the range the signal can take (see :func:`signal_range`).
 
     Returns:
@@ -229,7 +232,7 @@ def slide_threshold(
     k = ifr.index(marker)
     use = _usable(registration, failed_tiles)
     if not use.any():
-        raise CytokenError(f"no tile of the slide registered: {_errors(registration)}")
+        raise CytokenError(f"no tile of the slide registered: {_errors(registration, failed_tiles)}")
     lo, hi = signal_range(ifr.value_range(k), cfg)
     hist = SignalHistogram(lo, hi, bins=bins)
     halo = _halo_px(cfg)
@@ -239,8 +242,15 @@ def slide_threshold(
     return hist.threshold(cfg), hist
 
 
-def _errors(tr: TiledRegistration, limit: int = 3) -> str:
-    errs = [f"tile {i}: {e}" for i, e in enumerate(tr.errors) if e]
+def _errors(tr: TiledRegistration, failed_tiles: FailedTiles = "skip", limit: int = 3) -> str:
+    ov = tr.overview_errors if failed_tiles == "overview" else None
+    if failed_tiles == "overview" and ov is None:
+        ov = ["overview transform not checked on the tiles (registration file without overview_errors)"] * len(tr.tiles)
+    errs = [
+        f"tile {i}: {e}" + (f"; {ov[i]}" if ov is not None and ov[i] and ov[i] != e else "")
+        for i, e in enumerate(tr.errors)
+        if e
+    ]
     more = f" (+{len(errs) - limit} more)" if len(errs) > limit else ""
     return "; ".join(errs[:limit]) + more if errs else "no error recorded"
 
@@ -313,7 +323,7 @@ def label_from_if_slide(
         label_config: settings of the per-cell rules.
         cell_ids: the cells to label (default: every id of the map / every cell of the CellSet).
         failed_tiles: ``"skip"`` tiles whose refinement failed (their cells get ``no_coverage``) or use the
-            ``"overview"`` transform there.
+            ``"overview"`` transform on those of them where it passed the nucleus guard (the others are skipped).
         bins: fine histogram bins.
         mask_path: write the marker mask there, tile by tile, as a tiled TIFF (the tiles must be a multiple of 16
             px) instead of returning (H, W) arrays; removed again when the mask is refused.

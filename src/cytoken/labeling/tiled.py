@@ -4,7 +4,7 @@
 :class:`~cytoken.io.ifreader.IFReader`; arrays in memory are wrapped), so its memory does not grow with the slide
 beyond the overview:
 
-1. **Overview**: downsampled reads of the whole H&E (hematoxylin) and IF nuclear channel are registered at
+1. **Overview**: block-averaged reads of the whole H&E (hematoxylin) and IF nuclear channel are registered at
    ``overview_mpp`` (default 2 µm/px; coarser for slides over :data:`OVERVIEW_MAX_PX` overview pixels) with the
    linear stage only (no B-spline, no nucleus guard: nuclei are not resolved at that scale). This captures the
    global rotation/translation of the section; the transform is in µm, so it holds at full resolution.
@@ -14,8 +14,10 @@ beyond the overview:
    of :class:`~cytoken.labeling.registration.RegistrationConfig`).
 3. A tile whose refinement fails (the optimiser left the images, too few nuclei, residual over the limit) is tried
    once more with every pixel sampled by the metric instead of a random ``sampling_fraction`` (slower, but no
-   sampling luck); when that fails too, the tile keeps the overview transform and the error messages are recorded in
-   :attr:`TiledRegistration.errors`.
+   sampling luck); when that fails too, the error messages are recorded in :attr:`TiledRegistration.errors`, and
+   the overview transform is judged on that tile by the same nucleus guard (:func:`~cytoken.labeling.registration.
+   assess`): :attr:`TiledRegistration.overview_errors` records why it fails there, or None when it may stand in for
+   the failed refinement. The overview alone is never trusted: unrelated images pass no tile's guard.
 
 Every per-tile transform maps global H&E µm to global IF µm, so tiles can be warped independently (there is no
 blending between tiles: a seam may show where neighbouring tiles' deformations differ).
@@ -35,7 +37,15 @@ from cytoken.io.atomic import atomic_write_text
 from cytoken.io.ifimage import IFImage
 from cytoken.io.ifreader import IFReader
 from cytoken.io.slide import ArraySlide, Slide
-from cytoken.labeling.registration import Registration, RegistrationConfig, fit_transform, hematoxylin, register
+from cytoken.labeling.registration import (
+    Registration,
+    RegistrationConfig,
+    assess,
+    check_registration,
+    fit_transform,
+    hematoxylin,
+    register,
+)
 from cytoken.types import Bounds, CytokenError, validate_mpp
 
 __all__ = [
@@ -79,6 +89,9 @@ class TiledRegistration:
         registrations: per tile, the refined registration, or None when refinement failed.
         errors: per tile, the error message of a failed refinement, else None.
         he_shape: (H, W) of the full H&E grid.
+        overview_errors: per tile whose refinement failed, why the overview transform fails the nucleus guard on
+            that tile, or None when it passes (then it may stand in for the refinement); None for refined tiles.
+            None as a whole: not checked (a file written before this check), so no overview fallback is trusted.
     """
 
     overview: Registration
@@ -86,6 +99,14 @@ class TiledRegistration:
     registrations: list[Registration | None]
     errors: list[str | None]
     he_shape: tuple[int, int]
+    overview_errors: list[str | None] | None = None
+
+    def overview_usable(self) -> np.ndarray:
+        """(T,) bool: tiles whose refinement failed but whose overview transform passed the guard on the tile."""
+        failed = np.array([r is None for r in self.registrations], bool)
+        if self.overview_errors is None:
+            return np.zeros_like(failed)
+        return failed & np.array([e is None for e in self.overview_errors], bool)
 
     def for_tile(self, i: int) -> Registration:
         """The registration to use for tile ``i`` (the overview transform on that tile when refinement failed)."""
@@ -120,6 +141,7 @@ class TiledRegistration:
             "tiles": [[b.x, b.y, b.width, b.height] for b in self.tiles],
             "registrations": [None if r is None else r.to_dict() for r in self.registrations],
             "errors": list(self.errors),
+            "overview_errors": None if self.overview_errors is None else list(self.overview_errors),
         }
         return atomic_write_text(Path(path), json.dumps(doc))
 
@@ -136,6 +158,7 @@ class TiledRegistration:
             ],
             errors=list(doc["errors"]),
             he_shape=(int(doc["he_shape"][0]), int(doc["he_shape"][1])),
+            overview_errors=None if doc.get("overview_errors") is None else list(doc["overview_errors"]),
         )
 
     @classmethod
@@ -240,18 +263,42 @@ def read_tile(slide: Slide, b: Bounds) -> np.ndarray:
     return slide.read_region(b, slide.mpp)
 
 
-def _he_overview(slide: Slide, mpp: float) -> tuple[np.ndarray, float]:
-    """Hematoxylin of the H&E area-averaged to ``mpp`` (read block by block) and the origin of its pixel (0, 0)."""
+def _he_overview(slide: Slide, mpp: float) -> tuple[np.ndarray, float, float]:
+    """Hematoxylin of the H&E averaged over k x k blocks of stored pixels, read block by block.
+
+    k is the integer factor nearest below ``mpp / slide.mpp``. Hematoxylin is taken at full resolution and then
+    averaged, as :func:`register` does on a whole image. Returns the plane, the origin of its pixel (0, 0) in its
+    own pixels and its µm/px.
+    """
+    k = max(1, math.floor(mpp / slide.mpp + 1e-9))
     w0, h0 = slide.dimensions
-    f = mpp / slide.mpp
-    nw, nh = max(1, math.floor(w0 / f)), max(1, math.floor(h0 / f))
+    nw, nh = max(1, w0 // k), max(1, h0 // k)
+    k = min(k, w0, h0)
     out = np.empty((nh, nw), np.float32)
-    step = max(1, math.floor(_READ_PX / f))
-    for y in range(0, nh, step):
-        for x in range(0, nw, step):
-            b = Bounds(x, y, min(step, nw - x), min(step, nh - y))
-            out[b.y : b.y1, b.x : b.x1] = hematoxylin(slide.read_scaled(b, mpp))
-    return out, 0.5 - 0.5 / f  # centre of overview pixel 0 = centre of its footprint, in overview pixels
+    step = k * max(1, _READ_PX // k)
+    for y in range(0, nh * k, step):
+        for x in range(0, nw * k, step):
+            x1, y1 = min(nw * k, x + step), min(nh * k, y + step)
+            h = hematoxylin(read_tile(slide, Bounds(x, y, x1 - x, y1 - y)))
+            out[y // k : y1 // k, x // k : x1 // k] = h.reshape((y1 - y) // k, k, (x1 - x) // k, k).mean(axis=(1, 3))
+    return out, 0.5 - 0.5 / k, k * slide.mpp
+
+
+def _judge_overview(
+    he_tile: np.ndarray,
+    crop: IFImage,
+    cfg: RegistrationConfig,
+    overview: Registration,
+    b: Bounds,
+    if_origin: tuple[int, int],
+) -> str | None:
+    """Why the overview transform fails the nucleus guard on tile ``b`` (None when it passes)."""
+    on_tile = replace(overview, he_shape=(b.height, b.width), he_origin_px=(float(b.x), float(b.y)), quality=None)
+    try:
+        check_registration(assess(on_tile, he_tile, crop, config=cfg, if_origin_px=if_origin), cfg)
+    except CytokenError as exc:
+        return f"overview transform on this tile: {exc}"
+    return None
 
 
 def register_tiled(
@@ -266,10 +313,10 @@ def register_tiled(
 ) -> TiledRegistration:
     """Register a large IF image to a large H&E image: overview first, then per-tile refinement.
 
-    Both images are read window by window: the overview from block-wise downsampled reads (the H&E through
-    :meth:`~cytoken.io.slide.Slide.read_scaled`, the nuclear channel binned by
-    :meth:`~cytoken.io.ifreader.IFReader.binned`), each tile from its own H&E window and the nuclear channel of
-    the IF crop it maps to, so a slide on disk is never held whole.
+    Both images are read window by window: the overview from block-wise binned reads (the hematoxylin of the H&E
+    and the nuclear channel, :meth:`~cytoken.io.ifreader.IFReader.binned`, each averaged over blocks of stored
+    pixels), each tile from its own H&E window and the nuclear channel of the IF crop it maps to, so a slide on
+    disk is never held whole.
 
     Args:
         he_rgb: (H, W, 3) uint8 H&E in memory, or a :class:`~cytoken.io.slide.Slide` (e.g. ``open_slide(path)``).
@@ -280,7 +327,7 @@ def register_tiled(
             has at most :data:`OVERVIEW_MAX_PX` pixels on a side).
         margin_um: border added around each tile's IF crop.
         config: settings of the per-tile registrations (the overview uses the same with ``working_mpp =
-            overview_mpp``, no B-spline and no guard).
+            overview_mpp``, no B-spline and no guard; its guard is applied per tile where refinement fails).
 
     Returns:
         The overview and per-tile registrations (every one in full-resolution H&E pixels and µm/px).
@@ -303,25 +350,31 @@ def register_tiled(
     w0, h0 = slide.dimensions
     work = max(overview_mpp, he_mpp, ifr.mpp, max(w0, h0) * he_mpp / OVERVIEW_MAX_PX)
     ov_cfg = replace(cfg, working_mpp=work, bspline_grid_um=None, check=False)
-    he_ov, he_org = _he_overview(slide, work)
-    k = max(1, min(math.floor(work / ifr.mpp), *ifr.shape))
+    he_ov, he_org, he_ov_mpp = _he_overview(slide, work)
+    k = max(1, min(math.floor(work / ifr.mpp + 1e-9), *ifr.shape))
     if_ov = ifr.binned(nuclear, k)
     if_org = 0.5 - 0.5 / k
     transform, quality = fit_transform(
-        he_ov, work, (he_org, he_org), if_ov, k * ifr.mpp, (if_org, if_org), config=ov_cfg, he_mpp=he_mpp
+        he_ov, he_ov_mpp, (he_org, he_org), if_ov, k * ifr.mpp, (if_org, if_org), config=ov_cfg, he_mpp=he_mpp
     )
     overview = Registration(transform, (h0, w0), he_mpp, ifr.mpp, nuclear_channel=nuclear, quality=quality)
     tiles = tile_grid((h0, w0), tile_px)
     regs: list[Registration | None] = []
     errors: list[str | None] = []
+    ov_errors: list[str | None] = []
     for b in tiles:
         x0, y0, x1, y1 = _if_crop(overview, b, ifr.shape, margin_um)
         if x1 - x0 < 8 or y1 - y0 < 8:
             regs.append(None)
             errors.append("tile maps outside the IF image")
+            ov_errors.append("tile maps outside the IF image")
             continue
         crop = ifr.crop([nuclear], x0, y0, x1, y1)
-        reg, error = _refine_tile(read_tile(slide, b), crop, he_mpp, cfg, overview, b, (x0, y0))
+        he_tile = read_tile(slide, b)
+        reg, error = _refine_tile(he_tile, crop, he_mpp, cfg, overview, b, (x0, y0))
         regs.append(reg)
         errors.append(error)
-    return TiledRegistration(overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(h0, w0))
+        ov_errors.append(None if reg is not None else _judge_overview(he_tile, crop, cfg, overview, b, (x0, y0)))
+    return TiledRegistration(
+        overview=overview, tiles=tiles, registrations=regs, errors=errors, he_shape=(h0, w0), overview_errors=ov_errors
+    )

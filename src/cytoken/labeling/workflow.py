@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cytoken.io.atomic import atomic_path
-from cytoken.io.ifimage import IFImage
+from cytoken.io.ifimage import IFImage, write_ome_tiff
 from cytoken.io.slide import Slide
 from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
 from cytoken.labeling.registration import Registration, RegistrationConfig, register
@@ -122,12 +122,14 @@ def write_outputs(
     *,
     label_metadata: dict[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``registration.json``, the marker mask, ``labels.parquet``, ``labels.csv`` and ``qc.png``.
+    """Write ``registration.json``, the marker mask, ``labels.parquet``, ``labels.csv``, ``qc.png`` and the IF.
 
-    The mask is ``marker_mask.png`` for an image; for a :class:`~cytoken.labeling.slide.SlideLabelResult` it is
-    ``marker_mask.tif``, a tiled TIFF on the slide's tile grid (already written there when the result was computed
-    with ``mask_path`` in ``out_dir``), the registration file holds the tiled registration and the QC overlay is
-    drawn tile by tile, shrunk to at most 4096 px on a side.
+    For an :class:`IFLabelResult` the mask is ``marker_mask.png`` and the IF image resampled onto the H&E grid
+    (every channel, float32, with its channel names and the H&E µm/px; 0 outside the IF image) is written as
+    ``if_on_he.ome.tif``. For a :class:`~cytoken.labeling.slide.SlideLabelResult` the mask is ``marker_mask.tif``,
+    a tiled TIFF on the slide's tile grid (already written there when the result was computed with ``mask_path`` in
+    ``out_dir``), the resampled IF is not written (a slide-sized float image), the registration file holds the tiled
+    registration and the QC overlay is drawn tile by tile, shrunk to at most 4096 px on a side.
 
     Args:
         result: the output of :func:`label_from_if` or :func:`~cytoken.labeling.slide.label_from_if_slide`.
@@ -141,6 +143,7 @@ def write_outputs(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
     if isinstance(result, SlideLabelResult):
         mask = _slide_mask(result, out / "marker_mask.tif")
         slide_qc(he_rgb, result, out / "qc.png")
@@ -148,12 +151,14 @@ def write_outputs(
     else:
         mask = save_mask_png(result.marker.mask, out / "marker_mask.png")
         qc = _qc(result, np.asarray(he_rgb), out / "qc.png")
+        written["if_on_he"] = write_ome_tiff(result.warped, out / "if_on_he.ome.tif")
     return {
         "registration": result.registration.save(out / "registration.json"),
         "mask": mask,
         "labels_parquet": result.labels.write(out / "labels.parquet", metadata=label_metadata),
         "labels_csv": result.labels.write(out / "labels.csv"),
         "qc": qc,
+        **written,
     }
 
 

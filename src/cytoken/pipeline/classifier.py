@@ -16,8 +16,8 @@ classified objects, see :mod:`cytoken.io.datasets.qupath`). The cells of a slide
 3. otherwise the slide is segmented once (only the region around the labels plus a 64 µm margin; the folder is
    written to ``--segment-output`` or into the cache) and imported as in 1.
 
-``apply_bundle`` re-labels the cells of an existing ``cytoken segment`` output from its stored embeddings, without
-re-running segmentation.
+``apply_bundle`` (:mod:`cytoken.pipeline.apply`) re-labels the cells of an existing ``cytoken segment`` output from
+its stored embeddings, without re-running segmentation.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from cytoken.classify.bundle import ClassifierBundle, check_compatible
 from cytoken.classify.dataset import DEFAULT_MATCH_RADIUS_UM, LabelledCells, label_cells_from_masks, match_points
 from cytoken.embeddings import EmbeddingCache, array_sha256
 from cytoken.embeddings.cache import CacheEntry, file_fingerprint
@@ -39,21 +38,31 @@ from cytoken.io.atomic import atomic_write_bytes
 from cytoken.io.cellstore import load_cells, save_cells
 from cytoken.io.datasets.base import Dataset
 from cytoken.io.datasets.qupath import DEFAULT_MAX_OBJECT_UM2, QuPathLabels, read_qupath_geojson
+from cytoken.pipeline.apply import (
+    apply_bundle,
+    classifier_record,
+    read_output_cells,
+    read_output_columns,
+    relabel,
+    segment_output_files,
+)
 from cytoken.pipeline.image import SegmentConfig, segment_image_with_labels
-from cytoken.pipeline.outputs import CellOutputWriter, output_folder
 from cytoken.pipeline.predictor import Predictor
 from cytoken.types import Bounds, CellSet, CytokenError
 from cytoken.weights import ModelInfo
 
-__all__ = [
+__all__ = [  # the output readers and apply_bundle live in cytoken.pipeline.apply; re-exported here
     "ROI_MARGIN_UM",
     "apply_bundle",
     "build_embedding_set",
     "build_slide_embedding_set",
+    "classifier_record",
     "load_embedding_set",
     "read_output_cells",
+    "read_output_columns",
     "relabel",
     "save_embedding_set",
+    "segment_output_files",
     "slide_input_hash",
 ]
 
@@ -108,6 +117,21 @@ def _totals(per_image: list[dict[str, Any]]) -> dict[str, Any]:
         if rows:
             total[k] = np.sum(rows, axis=0).astype(int).tolist()
     return total
+
+
+def _no_match_message(dataset: Dataset, per_image: list[dict[str, Any]]) -> str:
+    """Why a dataset gave no labelled cell, naming its label files (QuPath) or its folder."""
+    files = [str(r["labels_file"]) for r in per_image if r.get("labels_file")]
+    where = f"{dataset.name}/{dataset.split} in {dataset.root}"
+    if files:
+        where = ", ".join(files[:3]) + (f" and {len(files) - 3} more label files" if len(files) > 3 else "")
+    n_labels, n_cells = sum(r.get("n_labels", 0) for r in per_image), sum(r.get("n_cells", 0) for r in per_image)
+    if not n_labels:
+        return f"no label in {where} (no labelled cell to learn from)"
+    if not n_cells:
+        return f"no label of {where} matched a detected cell: no cell was detected in its {len(per_image)} image(s)"
+    return (f"no label of {where} matched a detected cell ({n_labels} labels, {n_cells} cells detected): are the "
+            "labels in the images' pixel coordinates, and is --mpp right?")  # fmt: skip
 
 
 def build_embedding_set(
@@ -192,7 +216,7 @@ def build_embedding_set(
         extra = label_report(i) if callable(label_report) else {}
         per_image.append({"image": s.source_id, **{k: v for k, v in extra.items() if k != "n_labels"}, **rep})
     if not xs or not sum(len(x) for x in xs):
-        raise CytokenError(f"no label of {dataset.name}/{dataset.split} matched a detected cell")
+        raise CytokenError(_no_match_message(dataset, per_image))
     cells_set = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), names)
     return cells_set, {"images": per_image, **_totals(per_image)}
 
@@ -383,7 +407,7 @@ def build_slide_embedding_set(
         try:
             pm = match_points(p, entry.columns["centroids"], mpp=smpp, radius_um=radius_um)
         except CytokenError as exc:
-            raise CytokenError(f"{lab.path}: {exc}") from None
+            raise CytokenError(f"{lab.path}: no label matched a cell of {sp}: {exc}") from None
         emb = cache.get(info.sha256, key, entry.ids[pm.cell_index])
         if emb is None:  # pragma: no cover - the ids come from the entry itself
             raise CytokenError(f"embedding cache entry of {sp} lost cells")
@@ -421,110 +445,3 @@ def load_embedding_set(path: Path) -> tuple[LabelledCells, dict[str, Any]]:
     except (KeyError, ValueError, OSError) as exc:
         raise CytokenError(f"{path} is not a cytoken embedding set ({exc})") from None
     return cells, meta
-
-
-def segment_output_files(folder: str | Path) -> tuple[Path, Path, Path]:
-    """``run.json``, ``cells.parquet`` and ``embeddings.npy`` of a ``cytoken segment`` output folder.
-
-    Raises:
-        CytokenError: one of them is missing (the message names it).
-    """
-    folder = Path(folder)
-    run_f, pq_f, emb_f = folder / "run.json", folder / "cells.parquet", folder / "embeddings.npy"
-    for f in (run_f, pq_f):
-        if not f.is_file():
-            raise CytokenError(f"{folder} is not a cytoken segment output: {f.name} is missing")
-    if not emb_f.is_file():
-        raise CytokenError(f"{folder} has no embeddings.npy (segmented with --embeddings none?)")
-    return run_f, pq_f, emb_f
-
-
-def read_output_columns(folder: str | Path, columns: Sequence[str]) -> tuple[Any, np.ndarray]:
-    """``columns`` of a segment output's ``cells.parquet`` (a pyarrow Table) and its ``embeddings.npy``.
-
-    Raises:
-        CytokenError: a file is missing, or the two do not have one row per cell.
-    """
-    import pyarrow.parquet as pq
-
-    _, pq_f, emb_f = segment_output_files(folder)
-    table = pq.read_table(pq_f, columns=list(columns))
-    emb = np.load(emb_f)
-    if len(emb) != table.num_rows:
-        raise CytokenError(f"{folder}: embeddings.npy has {len(emb)} rows but cells.parquet {table.num_rows}")
-    return table, emb
-
-
-def read_output_cells(folder: Path) -> tuple[CellSet, dict[str, Any]]:
-    """The cells of a ``cytoken segment`` output folder (from ``cells.parquet`` + ``embeddings.npy``)."""
-    import pyarrow.parquet as pq
-    import shapely
-
-    run_f, pq_f, emb_f = segment_output_files(folder)
-    run = json.loads(run_f.read_text())
-    t = pq.read_table(pq_f)
-    meta = t.schema.metadata or {}
-    mpp = float(meta.get(b"cytoken.mpp", run.get("mpp", 0.25)))
-    polys = shapely.from_wkb(t.column("polygon_wkb").to_numpy(zero_copy_only=False))
-    contours = [np.asarray(p.exterior.coords)[:-1] if p is not None else np.zeros((0, 2)) for p in polys]
-    col = lambda name: t.column(name).to_numpy()  # noqa: E731
-    cells = CellSet(
-        ids=col("id"), centroids=np.stack([col("x"), col("y")], 1),
-        bboxes=np.stack([col("bbox_x0"), col("bbox_y0"), col("bbox_x1"), col("bbox_y1")], 1), contours=contours,
-        area_px=col("area_px"), class_ids=col("class_id"), class_probs=col("class_prob"), mpp=mpp,
-        tiles=col("tile"), embeddings=np.load(emb_f).astype(np.float32),
-    )  # fmt: skip
-    return cells, run
-
-
-def classifier_record(bundle: ClassifierBundle | None) -> dict[str, Any] | None:
-    """What ``run.json`` records about the classifier that set the classes (None: the model's type head)."""
-    return None if bundle is None else {"bundle": str(bundle.path), "class_names": list(bundle.class_names)}
-
-
-def relabel(cells: CellSet, bundle: ClassifierBundle) -> CellSet:
-    """Cells with classes and probabilities from a classifier bundle applied to their embeddings."""
-    if cells.embeddings is None:
-        raise CytokenError("cells have no embeddings to classify (segment with --embeddings mask or bbox)")
-    if len(cells):
-        class_ids, probs = bundle.predict_class_ids(cells.embeddings)
-    else:
-        class_ids, probs = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return replace(cells, class_ids=class_ids, class_probs=probs, class_names=tuple(bundle.class_names),
-                   class_colors=tuple(bundle.class_colors))  # fmt: skip
-
-
-def apply_bundle(folder: Path, bundle: ClassifierBundle) -> dict[str, Any]:
-    """Re-label the cells of an existing output folder with a classifier bundle; rewrites every file atomically.
-
-    Raises:
-        CytokenError: the bundle was trained on another segmentation model's embeddings, or dimensions differ.
-    """
-    folder = Path(folder)
-    cells, run = read_output_cells(folder)
-    sha = run.get("model", {}).get("sha256")
-    check_compatible(bundle, sha, cells.embeddings.shape[1] if cells.embeddings is not None else None)
-    new = relabel(cells, bundle)
-    gz = (folder / "cells.geojson.gz").is_file()
-    type_map = {0: "unclassified", **{i + 1: n for i, n in enumerate(bundle.class_names)}}
-    image = None
-    if (folder / "overlay.png").is_file() and run.get("input"):
-        try:
-            from cytoken.io.image import read_image
-
-            image = read_image(run["input"], run.get("mpp")).array
-        except CytokenError:
-            image = None
-    with output_folder(folder) as tmp:  # a failed write names the file and leaves the old outputs as they were
-        writer = CellOutputWriter(tmp, gzip_geojson=gz, type_map=type_map, final=folder,
-                                  geojson_meta={"classifier": str(bundle.path)})  # fmt: skip
-        writer.add(new)
-        if image is not None:
-            writer.write_overlay(image, new)
-        info = {k: v for k, v in run.items() if k not in ("cells", "cells_per_class", "embedding_dim", "versions",
-                                                          "wall_seconds", "output")}  # fmt: skip
-        info["classifier"] = classifier_record(bundle)
-        info["class_names"] = list(bundle.class_names)
-        summary = writer.close(info)
-    summary["output"] = str(folder)
-    return summary

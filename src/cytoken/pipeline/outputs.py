@@ -5,7 +5,8 @@
 - ``cells.geojson`` (``.gz`` for slides): QuPath / geopandas FeatureCollection, one Polygon per cell;
 - ``cells.json`` and ``cell_detection.json``: CellViT++'s layouts;
 - ``cells.parquet``: one row per cell (id, centroid, bbox, polygon WKB, area µm², class, probability, tile);
-- ``embeddings.npy``: (N, D) float16, row i belongs to the i-th row of ``cells.parquet``;
+- ``embeddings.npy``: (N, D) float16, row i belongs to the i-th row of ``cells.parquet`` (an output without cells
+  has a (0, D) one, unless segmented with ``--embeddings none``);
 - ``cells.h5ad``: AnnData for scanpy / squidpy: X = the embeddings (float32), obs = the cell table (same row
   order), obsm["spatial"] = centroids (needs ``pip install "cytoken[anndata]"``; skipped with a warning
   otherwise; see :mod:`cytoken.io.export.h5ad`);
@@ -161,13 +162,22 @@ def _npy_header(rows: int, dim: int) -> bytes:
 
 
 class _NpyAppender:
-    """Append float16 rows to an atomic ``.npy`` file in place; :meth:`finish` writes the final shape."""
+    """Append float16 rows to an atomic ``.npy`` file in place; :meth:`finish` writes the final shape.
+
+    ``empty_dim``: the width of the (0, D) file :meth:`finish` writes when no row came (None: no file then).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows = 0
         self.dim: int | None = None
+        self.empty_dim: int | None = None
         self._file: AtomicFile | None = None
+
+    def _start(self, dim: int) -> None:
+        self.dim = int(dim)
+        self._file = AtomicFile(self.path, "wb")
+        self._file.file.write(_npy_header(0, self.dim))  # type: ignore[union-attr]
 
     def add(self, emb: np.ndarray | None, n: int) -> None:
         if emb is None:
@@ -177,9 +187,7 @@ class _NpyAppender:
         if self.dim is None:
             if self.rows:  # pragma: no cover - rows only grow with embeddings
                 raise ValueError("cells with embeddings after cells without embeddings")
-            self.dim = int(emb.shape[1])
-            self._file = AtomicFile(self.path, "wb")
-            self._file.file.write(_npy_header(0, self.dim))  # type: ignore[union-attr]
+            self._start(int(emb.shape[1]))
         elif emb.shape[1] != self.dim:
             raise ValueError(f"{emb.shape[1]}-d embeddings cannot follow {self.dim}-d embeddings")
         self._file.file.write(np.ascontiguousarray(emb, np.float16).tobytes())  # type: ignore[union-attr]
@@ -187,7 +195,9 @@ class _NpyAppender:
 
     def finish(self) -> None:
         if self._file is None:
-            return
+            if self.empty_dim is None:
+                return
+            self._start(self.empty_dim)
         try:
             fh = self._file.file
             fh.seek(0)  # type: ignore[union-attr]
@@ -215,6 +225,8 @@ class CellOutputWriter:
         wsi_metadata: CellViT++ ``wsi_metadata``.
         geojson_meta: extra metadata in the GeoJSON collection.
         id_seed: makes GeoJSON feature ids deterministic UUIDs (same input + model -> same ids, e.g. after resume).
+        embedding_dim: width D of the cells' embeddings, for the (0, D) ``embeddings.npy`` of an output without
+            cells (an empty CellSet with embeddings also gives it; None and no such CellSet: no file).
         final: where ``folder`` will end up, for error messages (default ``folder``).
         h5ad: also write ``cells.h5ad`` (skipped with one warning when h5py / anndata are missing).
     """
@@ -228,6 +240,7 @@ class CellOutputWriter:
         wsi_metadata: dict[str, Any] | None = None,
         geojson_meta: dict[str, Any] | None = None,
         id_seed: str | None = None,
+        embedding_dim: int | None = None,
         final: Path | None = None,
         h5ad: bool = True,
     ) -> None:
@@ -236,6 +249,7 @@ class CellOutputWriter:
         self.h5ad: H5ADCellWriter | None = None
         self.streams: dict[str, Any] = {}
         self.embeddings = _NpyAppender(self.folder / "embeddings.npy")
+        self.embeddings.empty_dim = embedding_dim
         try:
             name = "cells.geojson.gz" if gzip_geojson else "cells.geojson"
             self.geojson = self._open(GeoJSONWriter, name, metadata=geojson_meta, id_seed=id_seed)
@@ -270,6 +284,8 @@ class CellOutputWriter:
             OutputWriteError: a file could not be written.
         """
         if not len(cells):
+            if cells.embeddings is not None:  # the width of an output without cells, from the cells themselves
+                self.embeddings.empty_dim = int(cells.embeddings.shape[1])
             return
         for name, w in self.streams.items():
             with writing(self.final / name):
@@ -279,8 +295,11 @@ class CellOutputWriter:
         self.counts.update(cells.class_name(int(c)) for c in cells.class_ids)
         self.n += len(cells)
 
-    def close(self, run_info: dict[str, Any]) -> dict[str, Any]:
+    def close(self, run_info: dict[str, Any], *, started: float | None = None) -> dict[str, Any]:
         """Finish every file and write ``run.json``; returns the run summary.
+
+        ``run.json`` gets ``wall_seconds``, the time since ``started`` (a ``time.time()`` value; default: since
+        this writer was made), and ``write_seconds``, the time spent writing the files.
 
         Raises:
             OutputWriteError: a file could not be written.
@@ -301,7 +320,8 @@ class CellOutputWriter:
             "cells": self.n,
             "cells_per_class": dict(sorted(self.counts.items())),
             "embedding_dim": self.embeddings.dim,
-            "wall_seconds": round(time.time() - self.t0, 3),
+            "wall_seconds": round(time.time() - (self.t0 if started is None else started), 3),
+            "write_seconds": round(time.time() - self.t0, 3),
             "versions": versions(),
         }
         with writing(self.final / "run.json"):

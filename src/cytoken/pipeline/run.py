@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from cytoken.postprocess import HoverConfig
 from cytoken.types import CellSet
 from cytoken.weights import ModelInfo
 
-__all__ = ["run_info", "segment_image_file", "segment_slide_file", "type_map_of"]
+__all__ = ["embedding_dim_of", "run_info", "segment_image_file", "segment_slide_file", "type_map_of"]
 
 
 def type_map_of(cells_or_names: CellSet | tuple[str, ...]) -> dict[int, str]:
@@ -22,11 +23,17 @@ def type_map_of(cells_or_names: CellSet | tuple[str, ...]) -> dict[int, str]:
     return {0: "unclassified", **{i: n for i, n in enumerate(names, start=1)}}
 
 
+def embedding_dim_of(predictor: Predictor, config: SegmentConfig) -> int | None:
+    """Width D of the cell embeddings a run writes (None with ``--embeddings none`` or an unknown encoder)."""
+    spec = getattr(getattr(predictor.model, "encoder", None), "spec", None)
+    return None if config.embeddings == "none" or spec is None else int(spec.embed_dim)
+
+
 def run_info(path: Path, info: ModelInfo, config: SegmentConfig, predictor: Predictor, **extra: Any) -> dict:
     """The parameters part of ``run.json``."""
     mc = predictor.model.config  # type: ignore[attr-defined]
     return {
-        "input": str(path),
+        "input": str(Path(path).absolute()),  # `classifier apply` redraws the overlay from it, from any folder
         "model": {"name": info.name, "sha256": info.sha256, "source": info.source, "licence": info.licence},
         "model_mpp": mc.mpp,
         "tile_size": config.tile_size or mc.tile_size,
@@ -62,6 +69,7 @@ def segment_image_file(
     Multi-channel models read the file's channels by name (:func:`~cytoken.pipeline.image.load_input`); ``he``
     is an H&E image stacked with it as channels R, G, B.
     """
+    started = time.time()
     mc = predictor.model.config  # type: ignore[attr-defined]
     loaded = load_input(path, mc, mpp=mpp, he=he)
     cells = segment_image(loaded.image, predictor, loaded.mpp, config=config, progress=progress, he=loaded.he)
@@ -82,6 +90,7 @@ def segment_image_file(
             },
             geojson_meta=meta,
             id_seed=f"{path.name}:{info.sha256}",
+            embedding_dim=embedding_dim_of(predictor, config),
         )
         try:
             writer.add(cells)
@@ -100,7 +109,8 @@ def segment_image_file(
                     image_size=list(loaded.size),
                     **({"channels": cells.meta["channels"]} if "channels" in cells.meta else {}),
                     classifier=classifier_record(classifier),
-                )
+                ),
+                started=started,
             )
         except BaseException:
             writer.abort()
@@ -124,10 +134,15 @@ def segment_slide_file(
     read_workers: int = 1,
     decode_workers: int = 1,
     classifier: Any = None,
+    gzip_geojson: bool = True,
 ) -> dict[str, Any]:
-    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`)."""
+    """Segment a whole slide into ``out_dir/<stem>/`` (streaming, resumable; see :mod:`cytoken.pipeline.slide`).
+
+    ``gzip_geojson=False`` writes ``cells.geojson`` instead of ``cells.geojson.gz``.
+    """
     from cytoken.pipeline.slide import SlideConfig, segment_slide
 
     cfg = SlideConfig(segment=config, mpp=mpp, roi=roi, tissue_mask=tissue_mask, resume=resume,
-                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier)  # fmt: skip
+                      read_workers=read_workers, decode_workers=decode_workers, classifier=classifier,
+                      gzip_geojson=gzip_geojson)  # fmt: skip
     return segment_slide(path, out_dir, predictor, info, cfg, progress=progress)

@@ -8,8 +8,9 @@ Stages, overlapped:
 3. **Decode** (a process pool): HoVer post-processing of each tile; a tile keeps only the cells whose centroid lies
    in its core (:meth:`TileGrid.keep`), so every cell is kept exactly once, decided per tile as tiles finish.
 4. **Spill**: each finished *chunk* (a fixed group of ``batch_size`` consecutive tiles) is written to
-   ``<out>/.<stem>.partial/chunks/`` with its cells already in level-0 slide pixels; ``progress.json`` records
-   finished chunks. Memory holds at most a few chunks, whatever the slide size.
+   ``<out>/.<stem>.partial/chunks/`` with its cells already in level-0 slide pixels; ``plan.json`` (written once)
+   records the run's settings and tiles, ``done.jsonl`` gets one line per finished chunk (append-only, so its cost
+   does not grow with the slide). Memory holds at most a few chunks, whatever the slide size.
 5. **Assemble**: chunks are streamed in order into the output files (ids 1..N), inside an atomic folder.
 
 ``--resume`` skips finished chunks; chunks are fixed groups of tiles, so a resumed run computes exactly the same
@@ -18,9 +19,11 @@ batches and writes byte-identical cell files.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-import resource
+import re
 import shutil
 import time
 from collections import deque
@@ -44,13 +47,12 @@ from cytoken.io.tiling import Tile, TileGrid, model_image_size, mpp_scale
 from cytoken.pipeline.image import SegmentConfig, decode_spec, slide_channel_plan
 from cytoken.pipeline.outputs import CellOutputWriter, OutputWriteError, output_folder, writing
 from cytoken.pipeline.predictor import Predictor
+from cytoken.pipeline.procs import RssMonitor, die_with_parent, loader_worker_init
 from cytoken.pipeline.tiles import ChannelPlan, DecodeSpec, decode_tile
 from cytoken.types import Bounds, CellSet, CytokenError
 from cytoken.weights import ModelInfo
 
 __all__ = ["SlideConfig", "segment_slide"]
-
-MAX_SLIDE_MPP = 0.75
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,18 @@ class _TileReader(TorchDataset):
     def __len__(self) -> int:
         return len(self.tiles)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-        if self._handle is None:
-            self._handle = self.slide.reopen() if torch.utils.data.get_worker_info() else self.slide
-        t = self.tiles[i]
-        if self.channels is not None:
-            return i, self.channels.read_slide_tile(self._handle, t.bounds, self.model_mpp)
-        return i, self._handle.read_scaled(t.bounds, self.model_mpp)
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | _ReadFailure]:
+        # a failed read is returned, not raised: raised in a worker process, torch would wrap it in its own
+        # multi-line "Caught ... in DataLoader worker process" report
+        try:
+            if self._handle is None:
+                self._handle = self.slide.reopen() if torch.utils.data.get_worker_info() else self.slide
+            t = self.tiles[i]
+            if self.channels is not None:
+                return i, self.channels.read_slide_tile(self._handle, t.bounds, self.model_mpp)
+            return i, self._handle.read_scaled(t.bounds, self.model_mpp)
+        except Exception as exc:
+            return i, _ReadFailure(i, str(exc) if isinstance(exc, CytokenError) else f"{type(exc).__name__}: {exc}")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -112,20 +119,37 @@ class _TileReader(TorchDataset):
         return state
 
 
-def _collate(batch: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
-    return [b[0] for b in batch], np.stack([b[1] for b in batch])
+@dataclass(frozen=True)
+class _ReadFailure:
+    """A tile that could not be read: its position in the reader's tile list and the reason."""
+
+    position: int
+    reason: str
+
+
+def _collate(batch: list[tuple[int, np.ndarray | _ReadFailure]]) -> tuple[list[int], np.ndarray | _ReadFailure]:
+    for _, arr in batch:
+        if isinstance(arr, _ReadFailure):
+            return [b[0] for b in batch], arr
+    return [b[0] for b in batch], np.stack([b[1] for b in batch])  # type: ignore[misc]
+
+
+def _read_error(path: Path, tile: Tile, scale: float, reason: str, work: Path) -> CytokenError:
+    """One line naming the slide, the tile and its level-0 window, the reader's reason and the kept work."""
+    b = tile.bounds
+    x0, y0 = int(np.floor(b.x / scale)), int(np.floor(b.y / scale))
+    x1, y1 = int(np.ceil(b.x1 / scale)), int(np.ceil(b.y1 / scale))
+    reason = reason.removeprefix(f"{path}: ")
+    return CytokenError(
+        f"{path}: cannot read tile {tile.index} (row {tile.row}, column {tile.col}; level-0 x={x0} y={y0} "
+        f"{x1 - x0}x{y1 - y0} px): {reason}; the finished tiles are kept in {work} (--resume continues from them)"
+    )
 
 
 def _decode_job(args: tuple) -> CellSet:
     nuc, hv, tp, tok, tile, grid, spec, scale, slide_mpp = args
     cells = decode_tile(nuc, hv, tp, tok, tile, grid, spec).cells
     return cells.transformed(1.0 / scale, mpp=slide_mpp)
-
-
-def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, kids) / 1024.0, 1)
 
 
 def _plan(
@@ -162,9 +186,16 @@ def segment_slide(
 ) -> dict[str, Any]:
     """Segment a whole slide into ``out_dir/<stem>/`` with bounded memory; returns the run summary.
 
+    The summary (also ``run.json``) counts the tiles (``tiles``: over tissue; ``tiles_segmented`` in this run,
+    ``tiles_resumed`` from an earlier run's chunks, ``tiles_without_tissue`` skipped), and records the real
+    ``wall_seconds`` with ``stage_seconds`` (``plan``, ``tiles``, ``assemble``) and the peak resident memory of
+    the main process (``peak_rss_main_mb``) and of the whole process tree with the worker processes
+    (``peak_rss_tree_mb``).
+
     Raises:
-        CytokenError: unreadable slide (names the backends tried), µm/px missing or coarser than 0.75, unwritable
-            output, or a finished run's partial folder that does not match (on ``resume``).
+        CytokenError: unreadable slide (names the backends tried), µm/px missing or coarser than 0.75, a tile
+            that cannot be read (names the tile and its level-0 window), unwritable output, or a finished run's
+            partial folder that does not match (on ``resume``).
     """
     config = config or SlideConfig()
     predictor.require(tta=config.segment.tta, amp=config.segment.amp)
@@ -177,50 +208,94 @@ def segment_slide(
     mc = seg.config  # type: ignore[attr-defined]
     tile = config.segment.tile_size or mc.tile_size
     overlap = mc.overlap if config.segment.overlap is None else config.segment.overlap
-    slide = open_slide(path, mpp=config.mpp)
-    try:
-        if slide.mpp > MAX_SLIDE_MPP:
-            raise CytokenError(f"{path}: {slide.mpp:.3f} µm/px is coarser than {MAX_SLIDE_MPP} µm/px; cell-level "
-                               "segmentation needs at least 20x scans (~0.5 µm/px)")  # fmt: skip
-        channels = slide_channel_plan(slide, mc, config.segment)
-        grid, tiles, scale = _plan(slide, config, tile, overlap, mc.mpp)
-        spec = decode_spec(seg, config.segment)
-        bs = config.segment.batch_size
-        chunks = [list(range(i, min(i + bs, len(tiles)))) for i in range(0, len(tiles), bs)]
-        plan_key = {"slide": str(path.resolve()), "model": info.sha256, "tiles": [t.index for t in tiles],
-                    "tile": tile, "overlap": overlap, "mpp": slide.mpp, "batch": bs,
-                    "embeddings": config.segment.embeddings}  # fmt: skip
-        if channels is not None:
-            plan_key["channels"] = channels.describe()
-        with writing(work):
-            done = _prepare_workdir(work, plan_key, config.resume)
+    with RssMonitor() as memory:
+        slide = open_slide(path, mpp=config.mpp)  # refuses slides coarser than MAX_SLIDE_MPP
         try:
-            _run_chunks(slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config,
-                        progress, channels=channels)  # fmt: skip
-            summary = _assemble(path, final, work, chunks, slide, info, config, predictor, tiles, scale, t0,
-                                channels=channels)  # fmt: skip
-        except OutputWriteError as exc:  # the finished chunks are intact: say how to reuse them
-            raise OutputWriteError(f"{exc}; the finished tiles are kept in {work}, rerun with --resume to continue "
-                                   "from them") from exc  # fmt: skip
-    finally:
-        slide.close()
+            channels = slide_channel_plan(slide, mc, config.segment)
+            grid, tiles, scale = _plan(slide, config, tile, overlap, mc.mpp)
+            spec = decode_spec(seg, config.segment)
+            bs = config.segment.batch_size
+            chunks = [list(range(i, min(i + bs, len(tiles)))) for i in range(0, len(tiles), bs)]
+            plan_key = {"slide": str(path.resolve()), "model": info.sha256, "tiles": [t.index for t in tiles],
+                        "tile": tile, "overlap": overlap, "mpp": slide.mpp, "batch": bs,
+                        "embeddings": config.segment.embeddings}  # fmt: skip
+            if channels is not None:
+                plan_key["channels"] = channels.describe()
+            with writing(work):
+                done = _prepare_workdir(work, plan_key, config.resume)
+                _remove_stale_tmp(out_dir, path.stem)
+            resumed = sum(len(chunks[c]) for c in done)
+            stats: dict[str, Any] = {"tiles_in_grid": len(grid), "tiles_without_tissue": len(grid) - len(tiles),
+                                     "tiles_segmented": len(tiles) - resumed, "tiles_resumed": resumed}  # fmt: skip
+            t_plan = time.time()
+            try:
+                _run_chunks(slide, tiles, grid, chunks, done, work, predictor, spec, scale, tile, mc.mpp, config,
+                            progress, channels=channels)  # fmt: skip
+                t_tiles = time.time()
+                stats["stage_seconds"] = {"plan": round(t_plan - t0, 2), "tiles": round(t_tiles - t_plan, 2)}
+                summary = _assemble(path, final, work, chunks, slide, info, config, predictor, tiles, scale, t0,
+                                    stats, memory, channels=channels)  # fmt: skip
+            except OutputWriteError as exc:  # the finished chunks are intact: say how to reuse them
+                raise OutputWriteError(f"{exc}; the finished tiles are kept in {work}, rerun with --resume to "
+                                       "continue from them") from exc  # fmt: skip
+        finally:
+            slide.close()
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
+_PLAN, _DONE, _LEGACY = "plan.json", "done.jsonl", "progress.json"  # progress.json: cytoken <= 0.1 partial folders
+
+
 def _prepare_workdir(work: Path, plan_key: dict, resume: bool) -> set[int]:
-    prog = work / "progress.json"
-    if resume and prog.is_file():
-        state = json.loads(prog.read_text())
-        if state.get("plan") != plan_key:
+    """Start a fresh work folder, or (``resume``) check the earlier run's plan and return its finished chunks."""
+    plan, legacy = work / _PLAN, work / _LEGACY
+    if resume and (plan.is_file() or legacy.is_file()):
+        if plan.is_file():
+            earlier, done = json.loads(plan.read_text()), _done_chunks(work)
+        else:
+            state = json.loads(legacy.read_text())
+            earlier, done = state.get("plan"), {int(c) for c in state.get("done", [])}
+        if earlier != plan_key:
             raise CytokenError(f"--resume: {work} belongs to a run with other settings (slide, model, tiles or "
                                "batch size differ); remove it or rerun without --resume")  # fmt: skip
-        return {int(c) for c in state["done"] if (work / "chunks" / f"{int(c):06d}.npz").is_file()}
+        done = {c for c in done if (work / "chunks" / f"{c:06d}.npz").is_file()}
+        # rewrite the record whole once: no cut last line for the next appends to continue, no legacy file
+        atomic_write_text(plan, json.dumps(plan_key))
+        atomic_write_text(work / _DONE, "".join(json.dumps({"chunk": c}) + "\n" for c in sorted(done)))
+        legacy.unlink(missing_ok=True)
+        return done
     if work.exists():
         shutil.rmtree(work)
     (work / "chunks").mkdir(parents=True)
-    atomic_write_text(prog, json.dumps({"plan": plan_key, "done": []}))
+    atomic_write_text(plan, json.dumps(plan_key))
     return set()
+
+
+def _done_chunks(work: Path) -> set[int]:
+    """Chunks listed in ``done.jsonl``; a last line cut short by a kill is ignored."""
+    done: set[int] = set()
+    try:
+        lines = (work / _DONE).read_text().splitlines()
+    except FileNotFoundError:
+        return done
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            done.add(int(json.loads(line)["chunk"]))
+    return done
+
+
+def _record_done(work: Path, chunk: int) -> None:
+    with writing(work / _DONE), open(work / _DONE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"chunk": chunk}) + "\n")
+
+
+def _remove_stale_tmp(out_dir: Path, stem: str) -> None:
+    """Remove the temporary output folders (``.<stem>.<8 random chars>.tmp``) that a killed run left behind."""
+    name = re.compile(rf"\.{re.escape(stem)}\.[a-z0-9_]{{8}}\.tmp")
+    for p in out_dir.iterdir():
+        if name.fullmatch(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[list[int]], done: set[int],
@@ -232,12 +307,15 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
     order = [i for c in todo for i in chunks[c]]
     reader = _TileReader(slide, [tiles[i] for i in order], tile, model_mpp, channels)
     bs = config.segment.batch_size
-    loader = DataLoader(reader, batch_size=bs, num_workers=config.read_workers, collate_fn=_collate,
-                        prefetch_factor=2 if config.read_workers else None,
-                        multiprocessing_context="spawn" if config.read_workers else None)  # fmt: skip
-    pool = (
-        ProcessPoolExecutor(config.decode_workers, mp_context=get_context("spawn")) if config.decode_workers else None
-    )
+    parent = os.getpid()  # worker processes are killed with this one (Linux), see cytoken.pipeline.procs
+    workers = config.read_workers
+    loader = DataLoader(reader, batch_size=bs, num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=2 if workers else None, multiprocessing_context="spawn" if workers else None,
+                        worker_init_fn=functools.partial(loader_worker_init, parent) if workers else None)  # fmt: skip
+    pool = None
+    if config.decode_workers:
+        pool = ProcessPoolExecutor(config.decode_workers, mp_context=get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(parent,))  # fmt: skip
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -245,7 +323,6 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
         bar = tqdm(total=len(tiles), initial=sum(len(chunks[c]) for c in done), desc="tiles", unit="tile",
                    dynamic_ncols=True)  # fmt: skip
     pending: deque[tuple[int, list[Future | CellSet]]] = deque()
-    state = json.loads((work / "progress.json").read_text())
 
     def flush(block: bool) -> None:
         while pending and (block or all(not isinstance(f, Future) or f.done() for f in pending[0][1])):
@@ -255,8 +332,7 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
             with writing(work / "chunks" / f"{c:06d}.npz"):
                 if cells is not None:
                     save_cells(cells, work / "chunks" / f"{c:06d}.npz")
-                state["done"].append(c)
-                atomic_write_text(work / "progress.json", json.dumps(state))
+            _record_done(work, c)  # after the chunk file is complete
             if bar is not None:
                 bar.update(len(chunks[c]))
 
@@ -264,6 +340,9 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
         it = iter(loader)
         for c in todo:
             _, batch = next(it)
+            if isinstance(batch, _ReadFailure):
+                flush(block=True)  # keep the chunks decoded so far
+                raise _read_error(Path(str(slide.path)), reader.tiles[batch.position], scale, batch.reason, work)
             outs = predictor(batch)
             jobs: list[Future | CellSet] = []
             for i, out in zip(chunks[c], outs):
@@ -291,11 +370,11 @@ def _run_chunks(slide: Slide, tiles: list[Tile], grid: TileGrid, chunks: list[li
 
 def _assemble(
     path: Path, final: Path, work: Path, chunks: list[list[int]], slide: Slide, info: ModelInfo,
-    config: SlideConfig, predictor: Predictor, tiles: list[Tile], scale: float, t0: float,
-    channels: ChannelPlan | None = None,
+    config: SlideConfig, predictor: Predictor, tiles: list[Tile], scale: float, t0: float, stats: dict[str, Any],
+    memory: RssMonitor, channels: ChannelPlan | None = None,
 ) -> dict:  # fmt: skip
     from cytoken.pipeline.classifier import classifier_record, relabel
-    from cytoken.pipeline.run import run_info, type_map_of
+    from cytoken.pipeline.run import embedding_dim_of, run_info, type_map_of
 
     mc = predictor.model.config  # type: ignore[attr-defined]
     names = tuple(mc.names) if mc.num_classes else ()
@@ -303,11 +382,13 @@ def _assemble(
         names = tuple(config.classifier.class_names)
     meta = {"slide": str(path), "mpp": slide.mpp, "model": info.name, "model_sha256": info.sha256}
     next_id = 1
+    t_assemble = time.time()
     with output_folder(final) as tmp:
         writer = CellOutputWriter(
             tmp, final=final, gzip_geojson=config.gzip_geojson, type_map=type_map_of(names),
             wsi_metadata={"base_mpp": slide.mpp, "target_patch_mpp": mc.mpp, "shape": list(slide.dimensions)},
             geojson_meta=meta, id_seed=f"{path.name}:{info.sha256}",
+            embedding_dim=embedding_dim_of(predictor, config.segment),  # (0, D) embeddings.npy without cells
         )  # fmt: skip
         try:
             for c in range(len(chunks)):
@@ -324,16 +405,19 @@ def _assemble(
                 import warnings
 
                 warnings.warn(f"{path}: no tissue found; the output is empty", stacklevel=2)
+            now = time.time()
+            memory.sample()
+            stats["stage_seconds"]["assemble"] = round(now - t_assemble, 2)
             summary = writer.close(run_info(
                 path, info, config.segment, predictor, mpp=slide.mpp, scale_to_model=scale, tiles=len(tiles),
-                slide_dimensions=list(slide.dimensions), backend=getattr(slide, "backend", None),
+                **stats, slide_dimensions=list(slide.dimensions), backend=getattr(slide, "backend", None),
                 roi=None if config.roi is None else [config.roi.x, config.roi.y, config.roi.width, config.roi.height],
-                read_workers=config.read_workers, decode_workers=config.decode_workers, peak_rss_mb=_peak_rss_mb(),
-                total_seconds=round(time.time() - t0, 2),
-                tiles_per_second=round(len(tiles) / max(1e-9, time.time() - t0), 3),
+                read_workers=config.read_workers, decode_workers=config.decode_workers,
+                peak_rss_main_mb=memory.peak_main_mb, peak_rss_tree_mb=memory.peak_tree_mb,
+                tiles_per_second=round(stats["tiles_segmented"] / max(1e-9, now - t0), 3),
                 **({} if channels is None else {"channels": channels.describe()}),
                 classifier=classifier_record(config.classifier),
-            ))  # fmt: skip
+            ), started=t0)  # fmt: skip
         except BaseException:
             writer.abort()
             raise

@@ -5,6 +5,7 @@ streams: a ``*Writer`` class takes one CellSet at a time through ``add()`` so th
 have to sit in memory; the ``write_*`` functions wrap them for one CellSet or an iterable of CellSets.
 """
 
+from cytoken.io.export._stream import read_json_head
 from cytoken.io.export.cellvit_json import (
     CellViTJSONWriter,
     PatchInfo,
@@ -13,7 +14,7 @@ from cytoken.io.export.cellvit_json import (
     write_cell_detection_json,
     write_cellvit_json,
 )
-from cytoken.io.export.geojson import GeoJSONWriter, cell_polygons, write_geojson
+from cytoken.io.export.geojson import GeoJSONWriter, cell_polygons, feature_id, write_geojson
 from cytoken.io.export.h5ad import H5AD_INSTALL_HINT, H5ADCellWriter, h5ad_missing_dependency, write_h5ad
 from cytoken.io.export.overlay import MAX_OVERLAY_SIDE, render_overlay, write_overlay
 from cytoken.io.export.parquet import ParquetCellWriter, write_parquet
@@ -29,7 +30,9 @@ __all__ = [
     "cell_polygons",
     "cell_status",
     "default_type_map",
+    "feature_id",
     "h5ad_missing_dependency",
+    "read_json_head",
     "render_overlay",
     "write_cell_detection_json",
     "write_cellvit_json",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip as gzip_module
+import json
 import os
 from pathlib import Path
 from typing import IO, Any
@@ -17,7 +18,7 @@ from typing import IO, Any
 from cytoken.io.atomic import AtomicFile
 from cytoken.types import CellSet
 
-__all__ = ["JsonArrayStream", "StreamingCellWriter", "number_lists", "split_number_lists"]
+__all__ = ["JsonArrayStream", "StreamingCellWriter", "number_lists", "read_json_head", "split_number_lists"]
 
 _FLUSH_BYTES = 1 << 20
 
@@ -192,6 +193,45 @@ class JsonCellWriter(StreamingCellWriter):
 
     def _release(self) -> None:
         self._stream.release()
+
+
+def read_json_head(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The head of a file written by a :class:`JsonCellWriter` and its first array item, without reading the rest.
+
+    The head is every member before the array (GeoJSON's ``"cytoken"`` metadata, CellViT++'s ``wsi_metadata``
+    and ``type_map``), returned with the array empty; gzip'ed files are read transparently.
+
+    Args:
+        path: a ``.geojson``, ``.geojson.gz`` or CellViT++ ``.json`` file written by cytoken.
+
+    Returns:
+        ``(head, first item or None)``.
+
+    Raises:
+        ValueError: the file does not start like a cytoken-written JSON cell file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.json"
+        >>> lines = ['{"wsi_metadata":{"base_mpp":0.5},"cells":[', '{"type":1},', '{"type":2}', ']}']
+        >>> _ = p.write_text(chr(10).join(lines))
+        >>> read_json_head(p)
+        ({'wsi_metadata': {'base_mpp': 0.5}, 'cells': []}, {'type': 1})
+    """
+    path = Path(path)
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+    opener: Any = gzip_module.open if magic == b"\x1f\x8b" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        head, first = fh.readline().rstrip("\n"), fh.readline().rstrip("\n").rstrip(",")
+    try:
+        if not head.endswith("["):
+            raise ValueError("no array opens on its first line")
+        meta = json.loads(head + "]}")
+        item = json.loads(first) if first.startswith("{") else None
+    except ValueError as exc:
+        raise ValueError(f"{path} was not written by cytoken's streaming JSON writers ({exc})") from None
+    return meta, item
 
 
 def number_lists(values: Any, decimals: int) -> Any:

@@ -41,7 +41,7 @@ import numpy as np
 from cytoken.io.export._stream import JsonCellWriter, split_number_lists
 from cytoken.types import CellSet
 
-__all__ = ["GeoJSONWriter", "cell_polygons", "write_geojson"]
+__all__ = ["GeoJSONWriter", "cell_polygons", "feature_id", "write_geojson"]
 
 _DUMPS = {"separators": (",", ":"), "ensure_ascii": False, "allow_nan": False}
 
@@ -111,7 +111,13 @@ def cell_polygons(cells: CellSet) -> np.ndarray:
     return out
 
 
-def _uuid_for(seed: str | None, index: int) -> str:
+def feature_id(seed: str | None, index: int) -> str:
+    """The id of the ``index``-th feature of a file written with ``id_seed=seed`` (a random UUID4 without seed).
+
+    Example:
+        >>> feature_id("img.png:" + "0" * 64, 0) == feature_id("img.png:" + "0" * 64, 0)
+        True
+    """
     if seed is None:
         return str(uuid.uuid4())
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cytoken:{seed}:{index}"))
@@ -224,7 +230,7 @@ class GeoJSONWriter(JsonCellWriter):
             props["class_name"] = names[cid]
             feature = {
                 "type": "Feature",
-                "id": _uuid_for(self._id_seed, self._stream.items),
+                "id": feature_id(self._id_seed, self._stream.items),
                 "geometry": {"type": "Polygon", "coordinates": rings},
                 "properties": props,
             }

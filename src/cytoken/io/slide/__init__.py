@@ -8,10 +8,12 @@ safety; :mod:`cytoken.io.slide.tissue` for tissue masks and ROIs.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from cytoken.io.image import CytokenWarning
 from cytoken.io.slide.array_backend import ArraySlide
 from cytoken.io.slide.base import MAX_SLIDE_MPP, Slide, SlideOpenError, resolve_mpp
 from cytoken.io.slide.openslide_backend import OpenSlideSlide
@@ -32,6 +34,7 @@ __all__ = [
     "backend_order",
     "detect_tissue",
     "load_tissue_mask",
+    "native_backends",
     "open_slide",
     "parse_roi",
     "resolve_mpp",
@@ -56,6 +59,30 @@ _TIFFFILE_EXT = {
 _PIL_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
+def _suffixes(path: str | Path) -> set[str]:
+    name = Path(path).name.lower()
+    return {s for s in (Path(name).suffix, "".join(Path(name).suffixes[-2:])) if s}
+
+
+def native_backends(path: str | Path) -> tuple[str, ...]:
+    """The backends a file's extension implies; empty for an extension no backend claims.
+
+    Example:
+        >>> native_backends("a.svs"), native_backends("a.tiff"), native_backends("a.xyz")
+        (('openslide',), ('openslide', 'tifffile'), ())
+    """
+    suffixes = _suffixes(path)
+    if suffixes & _TIFFFILE_EXT:
+        return ("tifffile",)
+    if suffixes & _PIL_EXT:
+        return ("pil",)
+    if suffixes & {".tif", ".tiff"}:  # generic tiled TIFF through OpenSlide, the rest through tifffile
+        return ("openslide", "tifffile")
+    if suffixes & _OPENSLIDE_EXT:
+        return ("openslide",)
+    return ()
+
+
 def backend_order(path: str | Path) -> list[str]:
     """The backends :func:`open_slide` tries for a file, preferred first, chosen by its extension.
 
@@ -75,12 +102,9 @@ def backend_order(path: str | Path) -> list[str]:
         >>> backend_order("a.png")
         ['pil', 'tifffile', 'openslide']
     """
-    name = Path(path).name.lower()
-    suffixes = {s for s in (Path(name).suffix, "".join(Path(name).suffixes[-2:])) if s}
-    if suffixes & _TIFFFILE_EXT:
-        return ["tifffile", "openslide", "pil"]
-    if suffixes & _PIL_EXT:
-        return ["pil", "tifffile", "openslide"]
+    native = native_backends(path)
+    if native and native[0] != "openslide":
+        return [native[0], *(b for b in ("tifffile", "openslide", "pil") if b != native[0])]
     return ["openslide", "tifffile", "pil"]
 
 
@@ -90,8 +114,10 @@ def open_slide(
     """Open a whole-slide image, a TIFF, a plain image or an in-memory array as a :class:`Slide`.
 
     Backends are tried in :func:`backend_order` (by extension) until one opens the file; a file with a
-    misleading extension (e.g. a PNG renamed ``.svs``) therefore opens through the fallback, and
-    ``slide.backend`` says which backend it was. ``backend=`` forces one backend (no fallback).
+    misleading extension (e.g. a PNG renamed ``.svs``) therefore opens through the fallback, with one
+    :class:`~cytoken.io.image.CytokenWarning` naming the file, its extension and the backend used (also for
+    an extension no backend claims); ``slide.backend`` says which backend it was. ``backend=`` forces one
+    backend (no fallback, no warning).
     Errors about µm/px are final and not retried with another backend.
 
     Args:
@@ -130,8 +156,31 @@ def open_slide(
     failures = []
     for name in order:
         try:
-            return BACKENDS[name](path, mpp=mpp)
+            slide = BACKENDS[name](path, mpp=mpp)
         except SlideOpenError as exc:
             failures.append(f"{name}: {exc}")
+            continue
+        if backend is None:
+            _warn_unexpected_backend(path, name, failures)
+        return slide
     tried = "; ".join(failures)
     raise CytokenError(f"cannot open {path} as a slide or image (tried {tried})")
+
+
+def _warn_unexpected_backend(path: Path, used: str, failures: list[str]) -> None:
+    """Warn when a file opened through a backend its extension does not imply (renamed or unknown file type)."""
+    native = native_backends(path)
+    if used in native:
+        return
+    known = _TIFFFILE_EXT | _PIL_EXT | _OPENSLIDE_EXT
+    ext = max((s for s in _suffixes(path) if s in known), key=len, default=Path(path).suffix.lower() or "(none)")
+    if not native:
+        warnings.warn(f"{path}: extension {ext} is not a known slide or image type; opened it with the {used} "
+                      "backend", CytokenWarning, stacklevel=3)  # fmt: skip
+        return
+    why = "; ".join(f for f in failures if f.split(":", 1)[0] in native)
+    if len(why) > 200:
+        why = why[:197] + "..."
+    message = (f"{path}: extension {ext} implies the {' or '.join(native)} backend, but the file opened with the "
+               f"{used} backend (wrong extension?)" + (f"; {why}" if why else ""))  # fmt: skip
+    warnings.warn(message, CytokenWarning, stacklevel=3)

@@ -7,6 +7,8 @@ decode twice. JPEG, LZW, JPEG 2000 and most other compressions need the ``imagec
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 import threading
@@ -71,20 +73,28 @@ class TiffSlide(Slide):
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
         self._cache_bytes = 0
-        try:
-            self._tf = tifffile.TiffFile(self.path)
-        except Exception as exc:
-            raise SlideOpenError(f"not a readable TIFF: {type(exc).__name__}: {exc}") from exc
-        try:
-            self._setup()
-            self._probe()
-            self._mpp, self.mpp_source = resolve_mpp(self._metadata_mpp(), mpp, what=str(self.path), max_mpp=max_mpp)
-        except CytokenError:
-            self._tf.close()
-            raise
-        except Exception as exc:
-            self._tf.close()
-            raise SlideOpenError(f"unsupported TIFF layout: {type(exc).__name__}: {exc}") from exc
+        with _tifffile_log() as log:  # e.g. "invalid page offset" of a truncated file: kept, not printed
+            try:
+                self._tf = tifffile.TiffFile(self.path)
+            except Exception as exc:
+                raise SlideOpenError(f"not a readable TIFF: {type(exc).__name__}: {exc}{_said(log)}") from exc
+            try:
+                self._setup()
+                self._probe()
+                self._mpp, self.mpp_source = resolve_mpp(
+                    self._metadata_mpp(), mpp, what=str(self.path), max_mpp=max_mpp
+                )
+            except SlideOpenError as exc:
+                self._tf.close()
+                raise SlideOpenError(f"{exc}{_said(log)}") from exc
+            except CytokenError:
+                self._tf.close()
+                raise
+            except Exception as exc:
+                self._tf.close()
+                raise SlideOpenError(f"unsupported TIFF layout: {type(exc).__name__}: {exc}{_said(log)}") from exc
+        if log:
+            self.meta["tifffile_log"] = log
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -328,6 +338,36 @@ class TiffSlide(Slide):
         if tf is not None:
             tf.close()
         self._cache.clear()
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_log() -> Any:
+    """Collect tifffile's log messages (warnings and errors) in a list while the block runs.
+
+    With a handler on its logger, Python's last-resort handler no longer prints them as stray stderr lines; a
+    failed open reports them in its error (:func:`_said`), a successful one keeps them in ``meta``.
+    """
+    records: list[str] = []
+    handler = _ListHandler(records)
+    log = logging.getLogger("tifffile")
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+
+
+def _said(log: list[str]) -> str:
+    return f" (tifffile: {'; '.join(dict.fromkeys(log))})" if log else ""
 
 
 def _channel_axis(axes: str, shape: tuple[int, ...]) -> int | None:
