@@ -31,6 +31,7 @@ __all__ = ["IFReader", "open_if"]
 
 _TIFF_SUFFIXES = {".tif", ".tiff", ".qptiff", ".btf", ".ome"}
 _BLOCK = 2048  # pixels per side of the blocks of binned() and value_range()
+_CACHE_BYTES = 16 << 20  # decoded tiles kept: reads go row by row with small overlaps
 
 
 class IFReader:
@@ -193,7 +194,7 @@ def open_if(path: str | Path, *, mpp: float | None = None) -> IFReader:
         names, file_mpp, fmt = tiff_channel_info(path)
         try:
             # TiffSlide reads the pixels only; µm/px is ours (read_if's rules), so any value opens it
-            slide = TiffSlide(path, mpp=mpp or file_mpp or 1.0, max_mpp=None)
+            slide = TiffSlide(path, mpp=mpp or file_mpp or 1.0, max_mpp=None, cache_bytes=_CACHE_BYTES)
         except SlideOpenError:
             slide = None  # a layout TiffSlide does not read window by window: read it whole below
         if slide is not None:

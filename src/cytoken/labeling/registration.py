@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 _FORMAT = "cytoken.registration/1"
+_HED_PIXELS = 1 << 18  # pixels per colour-deconvolution block of hematoxylin()
 
 
 def hematoxylin(rgb: np.ndarray) -> np.ndarray:
@@ -71,7 +72,11 @@ def hematoxylin(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"hematoxylin expects an (H, W, 3) RGB image, got shape {rgb.shape}")
-    return rgb2hed(rgb[..., :3])[..., 0].astype(np.float32)
+    out = np.empty(rgb.shape[:2], np.float32)
+    rows = max(1, _HED_PIXELS // max(1, rgb.shape[1]))  # rgb2hed holds ~74 B per pixel: convert in row blocks
+    for y in range(0, rgb.shape[0], rows):
+        out[y : y + rows] = rgb2hed(rgb[y : y + rows, :, :3])[..., 0]
+    return out
 
 
 @dataclass

@@ -237,7 +237,7 @@ def _refine_tile(
 #: Longest side of the overview registration's grid: a whole slide is registered at a coarser µm/px than
 #: ``overview_mpp`` when needed, so the overview stays a few tens of MB (a 100k-px slide at 0.25 µm/px: ~6 µm/px).
 OVERVIEW_MAX_PX = 4096
-_READ_PX = 2048  # level-0 pixels per side of one overview read
+_READ_PX = 1024  # level-0 pixels per side of one overview read
 
 
 def he_source(he: np.ndarray | Slide, he_mpp: float) -> Slide:

@@ -50,6 +50,7 @@ class TiffSlide(Slide):
         mpp: level-0 µm/px; overrides the metadata.
         max_mpp: coarsest level-0 µm/px accepted (default 0.75, see :func:`resolve_mpp`); None accepts any, for
             images that are only read channel by channel (:meth:`read_plane`), e.g. a 10x IF image.
+        cache_bytes: size of the cache of decoded tiles/strips (default 64 MB).
 
     Raises:
         SlideOpenError: when the file is not a TIFF tifffile can decode (wrong format, unsupported layout or
@@ -64,7 +65,14 @@ class TiffSlide(Slide):
 
     backend: ClassVar[str] = "tifffile"
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None, max_mpp: float | None = MAX_SLIDE_MPP) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        mpp: float | None = None,
+        max_mpp: float | None = MAX_SLIDE_MPP,
+        cache_bytes: int = _CACHE_BYTES,
+    ) -> None:
         import tifffile
 
         self.path = Path(path)
@@ -73,6 +81,7 @@ class TiffSlide(Slide):
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
         self._cache_bytes = 0
+        self._cache_limit = int(cache_bytes)
         with _tifffile_log() as log:  # e.g. "invalid page offset" of a truncated file: kept, not printed
             try:
                 self._tf = tifffile.TiffFile(self.path)
@@ -328,7 +337,7 @@ class TiffSlide(Slide):
                 )  # (depth=1, rows, cols, samples) -> (rows, cols, samples)
             self._cache[key] = seg
             self._cache_bytes += 0 if seg is None else seg.nbytes
-            while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
+            while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= 0 if old is None else old.nbytes
             return seg
