@@ -340,23 +340,18 @@ def fit_transform(
         CytokenError: the images do not overlap / did not align, or (``config.check``) the guard refused it.
     """
     cfg = config
-    fixed, moving = _working_planes(he_plane, he_plane_mpp, he_origin_px, if_plane, if_plane_mpp, if_origin_px, cfg)
+    fixed, moving = _working_planes((he_plane, he_plane_mpp, he_origin_px), (if_plane, if_plane_mpp, if_origin_px), cfg)
     return _fit(cfg, fixed, moving, initial, he_mpp)
 
 
-def _working_planes(
-    he_plane: np.ndarray,
-    he_plane_mpp: float,
-    he_origin_px: tuple[float, float],
-    if_plane: np.ndarray,
-    if_plane_mpp: float,
-    if_origin_px: tuple[float, float],
-    cfg: RegistrationConfig,
-) -> tuple[Any, Any]:
-    """Hematoxylin (fixed) and nuclear IF plane (moving), normalised, as SimpleITK images on the working grid."""
-    work = cfg.working_mpp or max(he_plane_mpp, if_plane_mpp)
-    fix_arr, fsp, forg = resample_to(normalise(he_plane), he_plane_mpp, work, he_origin_px)
-    mov_arr, msp, morg = resample_to(normalise(if_plane), if_plane_mpp, work, if_origin_px)
+def _working_planes(he: tuple, nuclear: tuple, cfg: RegistrationConfig) -> tuple[Any, Any]:
+    """Hematoxylin (fixed) and nuclear IF plane (moving), normalised, as SimpleITK images on the working grid.
+
+    Each plane is given as ``(plane, µm/px, origin of its pixel (0, 0) in its own pixels)``.
+    """
+    work = cfg.working_mpp or max(he[1], nuclear[1])
+    fix_arr, fsp, forg = resample_to(normalise(he[0]), he[1], work, he[2])
+    mov_arr, msp, morg = resample_to(normalise(nuclear[0]), nuclear[1], work, nuclear[2])
     return to_sitk(fix_arr, fsp, forg), to_sitk(mov_arr, msp, morg)
 
 
@@ -401,7 +396,7 @@ def _working_pair(
     ch = if_image.index(cfg.nuclear_channel)
     if_mpp = float(if_image.mpp)
     fixed, moving = _working_planes(
-        hematoxylin(he_rgb), he_mpp, he_origin_px, if_image.data[ch], if_mpp, if_origin_px, cfg
+        (hematoxylin(he_rgb), he_mpp, he_origin_px), (if_image.data[ch], if_mpp, if_origin_px), cfg
     )
     return fixed, moving, ch
 
