@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_int
+from cytoken.cli._common import load_model_or_fail, mpp_arg, positive_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-residual-px",
-        type=_positive_float,
+        type=positive_float,
         default=4.0,
         help="registration guard: largest accepted median nucleus residual in H&E pixels (default 4)",
     )
@@ -116,21 +116,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
 def _bspline_grid(text: str) -> float | None:
     """``--bspline-grid-um``: a spacing in µm, or None for 0 / none (no non-rigid stage)."""
     if text.strip().lower() in ("none", "0", "0.0", "off"):
         return None
-    return _positive_float(text)
+    return positive_float(text)
+
+
+def _single_if_file(values: list[str]) -> Path | None:
+    """The one multi-channel file of ``--if`` values, or None when they name single-channel files (NAME=FILE)."""
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
+        return Path(values[0])
+    return None
 
 
 def _read_if_arg(values: list[str], mpp: float | None):
@@ -138,8 +135,9 @@ def _read_if_arg(values: list[str], mpp: float | None):
     from cytoken.io.ifimage import read_if
     from cytoken.types import CytokenError
 
-    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
-        return read_if(Path(values[0]), mpp=mpp)
+    single = _single_if_file(values)
+    if single is not None:
+        return read_if(single, mpp=mpp)
     files: dict[str, Path] = {}
     for v in values:
         name, sep, path = v.partition("=")
@@ -248,6 +246,13 @@ def _read_cells(path: Path, shape: tuple[int, int], slide: bool = False):
     return cells
 
 
+def _segment_link(output: Path, *, shown: Path) -> dict[str, str]:
+    """The record tying labels to the segment output they were computed on (its cells.parquet sha256)."""
+    from cytoken.weights import file_sha256
+
+    return {"cells_output": str(shown), "cells_sha256": file_sha256(output / "cells.parquet")}
+
+
 def _he_is_large(path: Path, tile_px: int) -> bool:
     """More than ``tile_px`` on a side, from the header; a file the image reader cannot size counts as a slide."""
     from cytoken.io.image import read_image_size
@@ -279,8 +284,9 @@ def _open_if_arg(values: list[str], mpp: float | None):
     """Slide mode's IF: one multi-channel file opened for crop-by-crop reading, or single-channel files read whole."""
     from cytoken.io.ifreader import open_if
 
-    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
-        return open_if(Path(values[0]), mpp=mpp)
+    single = _single_if_file(values)
+    if single is not None:
+        return open_if(single, mpp=mpp)
     return _read_if_arg(values, mpp)
 
 
@@ -293,8 +299,6 @@ def run(args: argparse.Namespace) -> int:
     from cytoken.labeling.slide import label_from_if_slide
     from cytoken.labeling.tiled import TiledRegistration, read_registration
     from cytoken.labeling.workflow import label_from_if, write_outputs
-    from cytoken.weights import file_sha256
-
     reg = read_registration(args.registration) if args.registration else None
     slide = isinstance(reg, TiledRegistration) or (reg is None and _he_is_large(args.he, args.tile_px))
     with ExitStack() as stack:
@@ -326,12 +330,9 @@ def run(args: argparse.Namespace) -> int:
 
                 seg = _segment(args, tmp / "segmentation", slide)
                 cells, _ = read_output_cells(seg)
-                link = {
-                    "cells_output": str(args.out / "segmentation" / seg.name),
-                    "cells_sha256": file_sha256(seg / "cells.parquet"),
-                }
+                link = _segment_link(seg, shown=args.out / "segmentation" / seg.name)
             elif args.cells.is_dir():
-                link = {"cells_output": str(args.cells), "cells_sha256": file_sha256(args.cells / "cells.parquet")}
+                link = _segment_link(args.cells, shown=args.cells)
             if slide:
                 result = label_from_if_slide(
                     he, ifimg, cells, he_mpp=he_mpp, marker=marker, registration=reg,  # type: ignore[arg-type]
