@@ -234,3 +234,18 @@ def test_training_stops_when_the_cpu_budget_is_spent(tmp_path: Path, monkeypatch
     # resuming a spent budget trains no further
     again = loop.train_segmenter(cfg, resume=True, progress=False)
     assert len(again.history) == 3
+
+
+@needs_data
+def test_validation_split_does_not_follow_the_run_seed(tmp_path: Path) -> None:
+    from cytoken.training.data import load_sources
+
+    def val_groups(**kw) -> list[str]:
+        (src,) = load_sources(_config(tmp_path, "o", **kw))
+        return sorted({s.source_id.rsplit("_", 1)[0] for s in src.val})
+
+    # a continuation with another seed must not train on its start's validation images
+    assert val_groups(seed=0) == val_groups(seed=1) == val_groups(seed=7)
+    data = [{"dataset": "consep_patched", "root": str(SHARED / "consep_patched"), "val_fraction": 0.1,
+             "split_seed": 2}]  # fmt: skip
+    assert val_groups(data=data) != val_groups()

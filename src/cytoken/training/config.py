@@ -31,8 +31,11 @@ class DataSource(_Strict):
         split: split to read training data from.
         weight: relative sampling weight of this source in each epoch.
         val_fraction: fraction of this source's groups (images, or source tiles) held out for validation.
-        split_seed: seed of that split (default: the run's seed + the source's index), to keep a split fixed
-            across runs whose source lists differ.
+        split_seed: seed of that split. Default: the source's index in ``data``, whatever the run's ``seed``, so
+            that runs with other seeds, and runs that continue another one (``init_weights``), hold out the same
+            images. (It used to be the run's seed + the index, so a continuation with a new seed trained
+            on its start's validation images; see the default model's card.) Set it to keep a split fixed across
+            runs whose source lists differ, or to draw another split.
         use_types: train the type head on this source's type maps (needs classes mapped onto the model's).
         class_map: maps this dataset's class names to the model's class names (default: same names).
         mpp: µm/px for adapters that need it (``folder``).

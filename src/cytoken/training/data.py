@@ -92,7 +92,7 @@ def load_sources(config: TrainConfig) -> list[SourceData]:
             raise CytokenError(f"data source {src.dataset} at {src.root}: {exc}") from None
         if len(ds) == 0:
             raise CytokenError(f"data source {src.dataset} at {src.root} ({src.split}) has no samples")
-        seed = src.split_seed if src.split_seed is not None else config.seed + k
+        seed = src.split_seed if src.split_seed is not None else k  # not the run's seed: see DataSource
         tr, va = split_groups(ds.groups, src.val_fraction, seed)
         samples = [ds[i] for i in range(len(ds))]
         for s in samples:
