@@ -15,7 +15,7 @@ from cytoken.models.config import SegmenterConfig
 from cytoken.models.lora import LORA_TARGETS
 from cytoken.types import CytokenError
 
-__all__ = ["DataSource", "LossWeights", "PhaseConfig", "TrainConfig", "load_train_config"]
+__all__ = ["DataSource", "DistillConfig", "LossWeights", "PhaseConfig", "TrainConfig", "load_train_config"]
 
 
 class _Strict(BaseModel):
@@ -72,6 +72,34 @@ class LossWeights(_Strict):
     type_ce: float = 0.5
     type_dice: float = 0.2
     tissue_ce: float = 0.1
+
+
+class DistillConfig(_Strict):
+    """Knowledge distillation: a trained *teacher* segmenter's maps on each training crop are extra targets.
+
+    The teacher sees the same augmented crops as the student (each model with its own input normalisation) and runs
+    without gradients. Typical uses: a small CPU model learning from a large one (e.g. a CellViT-SAM-H checkpoint on a
+    GPU), or a model of another shape learning from the current default model. The terms add to the usual losses
+    (``loss``), which still need the ground truth; set their weights to 0 to learn from the teacher alone.
+
+    Attributes:
+        teacher: a model name (``cytoken models``), a cytoken ``.safetensors`` file or a CellViT ``.pth``
+            checkpoint. Its µm/px must equal the student's, and for ``types`` its class names too.
+        nuclei: weight of the cross-entropy of the student's nuclei map against the teacher's probabilities
+            (softened by ``temperature``, scaled by its square).
+        hv: weight of the mean squared error to the teacher's HV maps.
+        hv_msge: weight of the mean squared error to the teacher's HV gradients inside the teacher's nuclei.
+        types: weight of the cross-entropy of the student's type map against the teacher's type probabilities
+            (softened like ``nuclei``); 0 when either model has no type map.
+        temperature: softmax temperature of the two soft cross-entropies (1 = the teacher's probabilities).
+    """
+
+    teacher: str
+    nuclei: float = Field(1.0, ge=0)
+    hv: float = Field(2.5, ge=0)
+    hv_msge: float = Field(0.0, ge=0)
+    types: float = Field(0.5, ge=0)
+    temperature: float = Field(1.0, gt=0)
 
 
 class PhaseConfig(_Strict):
@@ -132,6 +160,11 @@ class TrainConfig(_Strict):
         init_weights: optional cytoken weights file to start from.
         init_strict: require ``init_weights`` to hold exactly ``model``'s architecture; ``false`` loads every tensor
             that fits and starts the others fresh (e.g. a head added for fine-tuning), listing them.
+        init_skip_mismatched: with ``init_strict: false``, also leave out tensors of ``init_weights`` that have no
+            place of that shape in ``model`` (e.g. the encoder and the decoder's first layers when the encoder
+            width changes) instead of refusing them; they are listed. Off by default, because it hides a wrong
+            ``init_weights`` file.
+        distill: optional knowledge distillation from a teacher segmenter (see :class:`DistillConfig`).
         data: training sources.
         out_dir: run folder (checkpoints, ``metrics.csv``, final weights).
         crop_size: training crop size in px.
@@ -173,6 +206,8 @@ class TrainConfig(_Strict):
     model: SegmenterConfig = Field(default_factory=SegmenterConfig)
     init_weights: Path | None = None
     init_strict: bool = True
+    init_skip_mismatched: bool = False
+    distill: DistillConfig | None = None
     data: list[DataSource]
     out_dir: Path
     crop_size: int = Field(256, ge=32)
@@ -217,6 +252,11 @@ class TrainConfig(_Strict):
                 )
             if any(w < 0 for w in self.type_class_weights):
                 raise ValueError("type_class_weights must not be negative")
+        kd = self.distill
+        if not any(self.loss.model_dump().values()) and not (kd and (kd.nuclei or kd.hv or kd.hv_msge or kd.types)):
+            raise ValueError("every loss weight is 0 (loss and distill): nothing would be trained")
+        if self.init_skip_mismatched and self.init_strict:
+            raise ValueError("init_skip_mismatched needs init_strict: false")
         p = 16
         if self.crop_size % p:
             raise ValueError(f"crop_size {self.crop_size} must be a multiple of 16")

@@ -33,6 +33,7 @@ from cytoken.models.weights_io import load_state_dict_strict
 from cytoken.training.budget import CpuBudget
 from cytoken.training.config import TrainConfig
 from cytoken.training.data import CropDataset, balanced_type_weights, load_sources, validation_crops
+from cytoken.training.distill import distill_loss, load_teacher
 from cytoken.training.losses import hover_loss
 from cytoken.training.validate import validate
 from cytoken.types import CytokenError
@@ -191,6 +192,7 @@ def train_segmenter(
     type_weights = _type_weights(config, sources, device)
 
     model = _initial_model(config, main)
+    teacher = None if config.distill is None else load_teacher(config, device)
     # lora mode: the adapters exist from the start (B = 0: same outputs) and train only in phase 2, so optimiser,
     # EMA, checkpoints and DDP see the same parameters in both phases
     lora = config.phases.encoder_mode == "lora"
@@ -297,6 +299,13 @@ def train_segmenter(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 out = train_model(x)
             loss, terms = hover_loss(out, batch, config.loss, nuclei_loss=config.nuclei_loss, type_weights=type_weights)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+                    teacher_out = teacher(teacher.preprocess(batch["image"]))
+                kd, kd_terms = distill_loss(out, teacher_out, config.distill)  # type: ignore[arg-type]
+                if kd is not None:
+                    loss = loss + kd
+                    terms.update({k: float(v.detach()) for k, v in kd_terms.items()})
             if not torch.isfinite(loss):
                 raise CytokenError(
                     f"non-finite loss {float(loss)} at epoch {epoch + 1}, step {step + 1} ({terms}); "
@@ -418,10 +427,15 @@ def _initial_model(config: TrainConfig, verbose: bool) -> CellSegmenter:
     own, theirs = model.state_dict(), start.state_dict()
     fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     left_out = sorted(set(theirs) - set(fits))
-    if left_out:
+    if left_out and config.init_skip_mismatched:
+        if verbose:
+            print(f"init_weights: {len(left_out)} tensors left out (no place of that shape): "
+                  f"{', '.join(left_out[:8])}{' ...' if len(left_out) > 8 else ''}", flush=True)  # fmt: skip
+    elif left_out:
         raise CytokenError(
             f"init_weights {config.init_weights}: {len(left_out)} tensors do not fit config.model "
-            f"(first: {', '.join(left_out[:5])}); only added modules may differ"
+            f"(first: {', '.join(left_out[:5])}); only added modules may differ (init_skip_mismatched: true leaves "
+            "such tensors out)"
         )
     model.load_state_dict(fits, strict=False)
     fresh = sorted(set(own) - set(fits))

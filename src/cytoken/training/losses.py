@@ -107,5 +107,7 @@ def hover_loss(
     tissue = out.tissue_logits  # type: ignore[attr-defined]
     if tissue is not None and tissue_target is not None and weights.tissue_ce:
         terms["tissue_ce"] = F.cross_entropy(tissue.float(), tissue_target) * weights.tissue_ce
+    if not terms:  # every weight is 0 (e.g. distillation alone, see TrainConfig.distill): a zero that keeps the graph
+        return logits.sum() * 0.0, {}
     total = torch.stack(list(terms.values())).sum()
     return total, {k: float(v.detach()) for k, v in terms.items()}
