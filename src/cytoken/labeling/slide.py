@@ -58,11 +58,11 @@ from cytoken.labeling.cell_labels import (
 )
 from cytoken.labeling.histogram import SignalHistogram, signal_range
 from cytoken.labeling.registration import RegistrationConfig
-from cytoken.labeling.threshold import ThresholdConfig, _remove_small, marker_signal, save_mask_tiff
+from cytoken.labeling.threshold import ThresholdConfig, marker_signal, remove_small_components, save_mask_tiff
 from cytoken.labeling.tiled import (
     TiledRegistration,
-    _if_crop,
     he_source,
+    if_crop_box,
     if_source,
     read_tile,
     register_tiled,
@@ -134,7 +134,7 @@ def _tile_signal(
     grown = Bounds(x0, y0, x1 - x0, y1 - y0)
     reg = replace(tr.for_tile(i), he_shape=(grown.height, grown.width), he_origin_px=(float(x0), float(y0)))
     core = (slice(b.y - y0, b.y1 - y0), slice(b.x - x0, b.x1 - x0))
-    cx0, cy0, cx1, cy1 = _if_crop(reg, grown, ifr.shape, _CROP_MARGIN_UM)
+    cx0, cy0, cx1, cy1 = if_crop_box(reg, grown, ifr.shape, _CROP_MARGIN_UM)
     if cx1 <= cx0 or cy1 <= cy0:  # the tile maps outside the IF image
         return np.zeros((grown.height, grown.width), np.float32), np.zeros((grown.height, grown.width), bool), core
     crop = ifr.crop([marker], cx0, cy0, cx1, cy1)
@@ -178,7 +178,7 @@ def _cell_ids(cells: Cells, tiles: list[Bounds]) -> np.ndarray:
     return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def _mask_tile(tr: TiledRegistration) -> tuple[int, int]:
+def mask_tiff_tile(tr: TiledRegistration) -> tuple[int, int]:
     """TIFF tile (rows, columns) of the marker mask: the slide's tile grid, which must be regular and 16-aligned."""
     return _grid_tile(tr.tiles, tr.he_shape)
 
@@ -274,9 +274,9 @@ def _label_pass(
         if use[i]:
             sig, valid, core = _tile_signal(tr, i, ifr, marker, cfg, halo)
             m = (sig > threshold) & valid
-            m = _remove_small(m, cfg.min_object_px)
+            m = remove_small_components(m, cfg.min_object_px)
             if cfg.fill_holes_px > 0:
-                m = (~_remove_small(~m, cfg.fill_holes_px)) & valid
+                m = (~remove_small_components(~m, cfg.fill_holes_px)) & valid
             m, valid = m[core], valid[core]
         else:
             m = valid = np.zeros((b.height, b.width), bool)

@@ -226,7 +226,8 @@ def _fmt(stats: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
 
 
-def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+def remove_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """``mask`` without its connected components (default connectivity) of fewer than ``min_px`` pixels."""
     if min_px <= 0 or not mask.any():
         return mask
     lab, _ = ndi.label(mask)
@@ -276,9 +277,9 @@ def threshold_marker(
     stats = _stats(vals)
     thr = compute_threshold(vals, cfg)
     mask = (work > thr) & ok
-    mask = _remove_small(mask, cfg.min_object_px)
+    mask = remove_small_components(mask, cfg.min_object_px)
     if cfg.fill_holes_px > 0:
-        mask = (~_remove_small(~mask, cfg.fill_holes_px)) & ok
+        mask = (~remove_small_components(~mask, cfg.fill_holes_px)) & ok
     n_pos = int(mask.sum())
     frac = n_pos / vals.size
     stats.update(threshold=thr, positive_px=float(n_pos), positive_fraction=float(frac))

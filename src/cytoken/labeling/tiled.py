@@ -194,7 +194,7 @@ def read_registration(path: str | Path) -> Registration | TiledRegistration:
     return Registration.from_dict(doc, source=str(path))
 
 
-def _if_crop(reg: Registration, b: Bounds, if_shape: tuple[int, int], margin_um: float) -> tuple[int, int, int, int]:
+def if_crop_box(reg: Registration, b: Bounds, if_shape: tuple[int, int], margin_um: float) -> tuple[int, int, int, int]:
     """IF pixel box (x0, y0, x1, y1) that tile ``b`` maps to under ``reg``, grown by ``margin_um``."""
     xs = np.linspace(b.x, b.x1 - 1, 9)
     ys = np.linspace(b.y, b.y1 - 1, 9)
@@ -363,7 +363,7 @@ def register_tiled(
     errors: list[str | None] = []
     ov_errors: list[str | None] = []
     for b in tiles:
-        x0, y0, x1, y1 = _if_crop(overview, b, ifr.shape, margin_um)
+        x0, y0, x1, y1 = if_crop_box(overview, b, ifr.shape, margin_um)
         if x1 - x0 < 8 or y1 - y0 < 8:
             regs.append(None)
             errors.append("tile maps outside the IF image")

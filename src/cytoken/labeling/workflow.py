@@ -22,7 +22,7 @@ from cytoken.io.ifimage import IFImage, write_ome_tiff
 from cytoken.io.slide import Slide
 from cytoken.labeling.cell_labels import CellLabelConfig, CellLabels, label_cells, qc_overlay, rasterize_cells
 from cytoken.labeling.registration import Registration, RegistrationConfig, register
-from cytoken.labeling.slide import SlideLabelResult, _mask_tile, slide_qc
+from cytoken.labeling.slide import SlideLabelResult, mask_tiff_tile, slide_qc
 from cytoken.labeling.threshold import MarkerMask, ThresholdConfig, save_mask_png, save_mask_tiff, threshold_marker
 from cytoken.types import CellSet, CytokenError
 
@@ -170,7 +170,7 @@ def _slide_mask(result: SlideLabelResult, path: Path) -> Path:
                 shutil.copyfile(result.mask_path, tmp)
         return path
     mask, tr = np.asarray(result.mask), result.registration
-    return save_mask_tiff((mask[b.y : b.y1, b.x : b.x1] for b in tr.tiles), tr.he_shape, _mask_tile(tr), path)
+    return save_mask_tiff((mask[b.y : b.y1, b.x : b.x1] for b in tr.tiles), tr.he_shape, mask_tiff_tile(tr), path)
 
 
 def _qc(result: IFLabelResult, he_rgb: np.ndarray, path: Path) -> Path:

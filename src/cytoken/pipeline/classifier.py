@@ -108,7 +108,8 @@ def _per_class(labels: np.ndarray, matched: np.ndarray, n_classes: int) -> dict[
     return {"labels_per_class": count(lab), "matched_per_class": count(lab[ok])}
 
 
-def _totals(per_image: list[dict[str, Any]]) -> dict[str, Any]:
+def match_totals(per_image: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum per-image label/match counts (and per-class counts) into one record with the overall match rate."""
     keys = ("n_labels", "n_matched", "n_cells", "n_unclassified", "n_unsupported", "n_too_large")
     total = {k: int(sum(r.get(k, 0) for r in per_image)) for k in keys if any(k in r for r in per_image)}
     total["match_rate"] = round(total["n_matched"] / max(1, total["n_labels"]), 4)
@@ -218,7 +219,7 @@ def build_embedding_set(
     if not xs or not sum(len(x) for x in xs):
         raise CytokenError(_no_match_message(dataset, per_image))
     cells_set = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), names)
-    return cells_set, {"images": per_image, **_totals(per_image)}
+    return cells_set, {"images": per_image, **match_totals(per_image)}
 
 
 # ------------------------------------------------------------------------------------------------ slides
@@ -418,7 +419,7 @@ def build_slide_embedding_set(
                           "n_labels": pm.n_labels, "n_matched": pm.n_matched, "n_cells": len(entry),
                           **_per_class(cls_all, pm.label_index, len(names))})  # fmt: skip
     cells = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), names)
-    return cells, {"images": per_slide, **_totals(per_slide)}
+    return cells, {"images": per_slide, **match_totals(per_slide)}
 
 
 def save_embedding_set(cells: LabelledCells, path: Path, *, model_sha256: str, report: dict[str, Any]) -> Path:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cytoken.classify.dataset import LabelledCells
-from cytoken.pipeline.classifier import _totals, read_output_columns, segment_output_files
+from cytoken.pipeline.classifier import match_totals, read_output_columns, segment_output_files
 from cytoken.types import CytokenError
 
 __all__ = ["build_if_label_set"]
@@ -145,4 +145,4 @@ def build_if_label_set(
     ((sha, model_name),) = models.items()
     cells = LabelledCells(np.concatenate(xs), np.concatenate(ys), np.array(gs), (f"{marker}-", f"{marker}+"))
     return cells, {"images": per_image, "model": model_name, "model_sha256": sha, "marker": marker,
-                   **_totals(per_image)}  # fmt: skip
+                   **match_totals(per_image)}  # fmt: skip

@@ -20,7 +20,7 @@ __all__ = ["cells_from_instances"]
 _MAX_LUT_IDS = 1 << 26  # above this, compact ids with np.unique instead of a lookup table
 
 
-def _consecutive(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def consecutive_labels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels 1..N (int32, same shape) and the original id of each label (int64, (N,))."""
     if inst.size == 0:
         return inst.astype(np.int32), np.zeros(0, np.int64)
@@ -151,7 +151,7 @@ def cells_from_instances(
                 "(channel 0 is background)"
             )
     names, colors = tuple(class_names), tuple(tuple(int(v) for v in c) for c in class_colors)
-    labels, ids = _consecutive(inst.astype(np.int64, copy=False) if inst.dtype == bool else inst)
+    labels, ids = consecutive_labels(inst.astype(np.int64, copy=False) if inst.dtype == bool else inst)
     n = len(ids)
     if n == 0:
         return CellSet.empty(mpp, names, colors)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cytoken.postprocess._instances import hover_instances
-from cytoken.postprocess.cells import _consecutive, cells_from_instances
+from cytoken.postprocess.cells import cells_from_instances, consecutive_labels
 from cytoken.postprocess.config import HoverConfig
 from cytoken.types import CellSet
 
@@ -168,7 +168,7 @@ def hv_targets(inst_map: np.ndarray) -> np.ndarray:
 def _compact(inst_map: np.ndarray) -> tuple[np.ndarray, int]:
     """Relabel arbitrary non-negative ids to 1..N (0 stays background)."""
     if inst_map.min() >= 0 and inst_map.max() <= 1 << 26:
-        labels, ids = _consecutive(inst_map)
+        labels, ids = consecutive_labels(inst_map)
         return labels, len(ids)
     ids, inv = np.unique(inst_map, return_inverse=True)
     inv = inv.reshape(inst_map.shape)
