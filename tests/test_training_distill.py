@@ -143,3 +143,11 @@ def test_a_config_that_trains_nothing_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="every loss weight is 0"):
         _config(tmp_path, loss=zero, distill={"teacher": "x", "nuclei": 0, "hv": 0, "types": 0})
     assert _config(tmp_path, loss=zero, distill={"teacher": "x"}).distill is not None
+
+
+def test_a_run_whose_weights_find_no_labels_stops_with_a_message(tmp_path: Path) -> None:
+    # only the type terms are on, and the only source has no type labels: no loss term exists, which must not pass
+    # as a silent zero loss
+    only_types = {"nuclei_ce": 0.0, "nuclei_dice": 0.0, "hv_mse": 0.0, "hv_msge": 0.0, "type_ce": 1.0}
+    with pytest.raises(CytokenError, match="no loss term applied in epoch 1"):
+        train_segmenter(_config(tmp_path, loss=only_types), progress=False)

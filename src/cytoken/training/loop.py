@@ -292,7 +292,7 @@ def train_segmenter(
         opt.zero_grad(set_to_none=True)
         if budget is not None:
             budget.start()
-        n_steps = 0
+        n_steps = labelled_steps = 0
         for step, batch in enumerate(bar):
             batch = {k: v.to(device) for k, v in batch.items()}
             x = model.preprocess(batch["image"])
@@ -306,6 +306,7 @@ def train_segmenter(
                 if kd is not None:
                     loss = loss + kd
                     terms.update({k: float(v.detach()) for k, v in kd_terms.items()})
+            labelled_steps += bool(terms)  # a batch may lack some labels; a whole epoch must not
             if not torch.isfinite(loss):
                 raise CytokenError(
                     f"non-finite loss {float(loss)} at epoch {epoch + 1}, step {step + 1} ({terms}); "
@@ -334,6 +335,11 @@ def train_segmenter(
                 bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", **extra)
             if budget is not None and budget.exhausted:
                 break  # the budget is spent: this epoch ends early and is the last
+        if n_steps and not labelled_steps:
+            raise CytokenError(
+                f"no loss term applied in epoch {epoch + 1}: the loss weights that are not 0 need labels these data "
+                "do not have (e.g. only type weights, but no source with use_types)"
+            )
         if budget is None:
             sched.step()
         row: dict = {
