@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from cytoken.models import SegmenterConfig, build_segmenter, save_segmenter
+from cytoken.models.store import load_segmenter
 from cytoken.training.config import DistillConfig, TrainConfig
 from cytoken.training.distill import distill_loss, load_teacher
 from cytoken.training.loop import _initial_model, train_segmenter
@@ -85,8 +86,6 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path: Path) -> N
     start = _initial_model(cfg, verbose=False).eval()
     result = train_segmenter(cfg, progress=False)
     assert {"distill_nuclei", "distill_hv", "distill_types"} <= set(result.history[-1])
-    from cytoken.models.store import load_segmenter
-
     end = load_segmenter(result.out_dir / "final.safetensors")
     teacher = load_segmenter(teacher_path)
     x = torch.rand(2, 3, 64, 64)
@@ -125,8 +124,6 @@ def test_init_skip_mismatched_loads_what_fits_across_widths(tmp_path: Path) -> N
         _config(tmp_path, init_weights=str(teacher_path), init_skip_mismatched=True)
     cfg = _config(tmp_path, init_weights=str(teacher_path), init_strict=False, init_skip_mismatched=True)
     model = _initial_model(cfg, verbose=False)
-    from cytoken.models.store import load_segmenter
-
     theirs = load_segmenter(teacher_path).state_dict()
     own = model.state_dict()
     same = [k for k in own if k in theirs and own[k].shape == theirs[k].shape]
