@@ -198,6 +198,9 @@ def test_segment_hover_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "unknown preset 'fancy'" in _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
     cfg.write_text("fg_threshold: 1.5\n")
     assert "fg_threshold" in _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
+    cfg.write_text("fg_threshold: 0.4\nmin_object_px: 20\nfg_threshold: 0.5\n")
+    err = _error(capsys, [*base, "--out", str(tmp_path / "c"), "--hover-config", str(cfg)])
+    assert "key 'fg_threshold' appears twice (lines 1 and 3)" in err
 
 
 def test_models_lists_the_default_with_licence_classifier_and_metrics(capsys: pytest.CaptureFixture) -> None:

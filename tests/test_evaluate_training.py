@@ -101,6 +101,13 @@ def test_training_config_errors_name_keys(tmp_path: Path) -> None:
     cfg.write_text("lr: 0.1\n")
     with pytest.raises(CytokenError, match="data: missing key"):
         load_train_config(cfg)
+    # a key given twice (e.g. a pasted second model: section) is refused, not "the last one wins"
+    cfg.write_text("data: []\nout_dir: x\nmodel: {encoder: vit_tiny_test}\nlr: 0.1\nmodel: {encoder: cytoken_s16}\n")
+    with pytest.raises(CytokenError, match=r"key 'model' appears twice \(lines 3 and 5\)"):
+        load_train_config(cfg)
+    cfg.write_text("- data\n- out_dir\n")
+    with pytest.raises(CytokenError, match="expected a mapping of config keys, got list"):
+        load_train_config(cfg)
 
 
 @needs_data

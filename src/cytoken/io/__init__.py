@@ -5,6 +5,7 @@
 - :mod:`cytoken.io.atomic`: crash-safe writes (:func:`atomic_write`, :func:`atomic_dir`, :class:`AtomicFile`)
   and :func:`check_writable_dir`.
 - :mod:`cytoken.io.export`: GeoJSON (QuPath), CellViT++ JSON, Parquet and overlay writers.
+- :mod:`cytoken.io.yamlfile`: :func:`read_yaml` (config files; a key given twice is an error).
 - :mod:`cytoken.io.datasets`: dataset adapters (imported on its own: ``from cytoken.io import datasets``).
 
 Heavy optional libraries (shapely, pyarrow, OpenCV, tifffile) are imported only by the functions that use

@@ -212,9 +212,11 @@ class HoverConfig:
         """
         import yaml
 
+        from cytoken.io.yamlfile import read_yaml
+
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = read_yaml(path)
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read post-processing parameters from {path}: {exc}") from None
         if not isinstance(raw, dict):

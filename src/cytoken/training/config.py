@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cytoken.io.yamlfile import read_yaml
 from cytoken.models.config import SegmenterConfig
 from cytoken.models.lora import LORA_TARGETS
 from cytoken.types import CytokenError
@@ -267,11 +268,14 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
     """Read a YAML training config; errors name the unknown, missing or invalid keys."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
     except FileNotFoundError:
         raise CytokenError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise CytokenError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise CytokenError(f"invalid training config {path}: expected a mapping of config keys, got {kind}")
     raw.update(overrides or {})
     try:
         return TrainConfig.model_validate(raw)
