@@ -15,15 +15,17 @@ from PIL import Image
 
 from cytoken.classify import save_bundle
 from cytoken.cli.main import main
+from cytoken.models.store import read_config
 from cytoken.weights import get_entry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
 CLASS_KEYS = ("type", "type_prob")  # CellViT++ cell fields set by the classifier
+DIM = int(read_config(get_entry("cytoken-default").path).encoder_kwargs["embed_dim"])  # its cell embeddings' width
 
 
-def _bundle(path: Path, sha: str | None = None, dim: int = 192) -> Path:
-    """A random 2-class bundle for the default model's 192-d embeddings (classes unlike the default's)."""
+def _bundle(path: Path, sha: str | None = None, dim: int = DIM) -> Path:
+    """A random 2-class bundle for the default model's embeddings (classes unlike the default's)."""
     rng = np.random.default_rng(0)
     state = {"fc1.weight": rng.normal(size=(16, dim)), "fc1.bias": np.zeros(16),
              "fc2.weight": rng.normal(size=(2, 16)), "fc2.bias": np.zeros(2)}  # fmt: skip
@@ -136,7 +138,7 @@ def test_apply_from_another_folder_changes_only_the_classes(
 def test_outputs_without_cells_have_empty_embeddings(
     slide: bool, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """A white image (no cell) gives a (0, 192) float16 embeddings.npy; apply re-labels it; an old output without
+    """A white image (no cell) gives a (0, D) float16 embeddings.npy; apply re-labels it; an old output without
     the file gets a message saying why instead of "--embeddings none?"."""
     img = tmp_path / "white.png"
     Image.fromarray(np.full((200, 200, 3), 255, np.uint8)).save(img)
@@ -144,7 +146,7 @@ def test_outputs_without_cells_have_empty_embeddings(
     assert main([*argv, *(["--slide"] if slide else [])]) == 0
     out = tmp_path / "seg" / "white"
     emb = np.load(out / "embeddings.npy")
-    assert emb.shape == (0, 192) and emb.dtype == np.float16
+    assert emb.shape == (0, DIM) and emb.dtype == np.float16
     assert _json(out / "run.json")["cells"] == 0
     before = tmp_path / "before"
     shutil.copytree(out, before)

@@ -166,8 +166,10 @@ def test_classifier_workflow_on_real_labels(tmp_path: Path, tiny_model: Path, ca
     assert set(run["cells_per_class"]) <= set(names.get("class_names", names.get("names", [])) or run["class_names"])
     # a bundle from another segmentation model is refused
     torch.manual_seed(1)
-    same_width = SegmenterConfig(encoder="cytoken_s16", encoder_kwargs={"depth": 2}, tile_size=128, overlap=32)
-    other = save_segmenter(build_segmenter(same_width), tmp_path / "other.safetensors")  # 192-d, another sha256
+    dim = read_config(get_entry("cytoken-default").path).encoder_kwargs["embed_dim"]
+    kw = {"depth": 2, "embed_dim": dim, "num_heads": 2}
+    same_width = SegmenterConfig(encoder="cytoken_s16", encoder_kwargs=kw, tile_size=128, overlap=32)
+    other = save_segmenter(build_segmenter(same_width), tmp_path / "other.safetensors")  # same width, another sha256
     msg = _error(capsys, ["segment", str(img), "--mpp", "0.25", "--out", str(tmp_path / "o2"), "--model", str(other),
                           "--classifier", str(bundle), "--quiet"])  # fmt: skip
     assert "retrain the classifier" in msg

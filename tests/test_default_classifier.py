@@ -74,12 +74,13 @@ def test_evaluate_records_the_classifier(tmp_path: Path) -> None:
 def test_run_json_names_the_classes_of_the_bundle_that_set_them(tmp_path: Path) -> None:
     from cytoken.classify import save_bundle
 
-    _, info = load_model("cytoken-default")
+    model, info = load_model("cytoken-default")
+    dim = int(model.config.encoder_kwargs["embed_dim"])
     rng = np.random.default_rng(0)
-    state = {"fc1.weight": rng.normal(size=(8, 192)).astype(np.float32), "fc1.bias": np.zeros(8, np.float32),
+    state = {"fc1.weight": rng.normal(size=(8, dim)).astype(np.float32), "fc1.bias": np.zeros(8, np.float32),
              "fc2.weight": rng.normal(size=(2, 8)).astype(np.float32), "fc2.bias": np.zeros(2, np.float32)}  # fmt: skip
     bundle = save_bundle(tmp_path / "b", state, class_names=["tumour", "stroma"], config={}, metrics={},
-                         embedding_model_sha256=info.sha256, embedding_dim=192)  # fmt: skip
+                         embedding_model_sha256=info.sha256, embedding_dim=dim)  # fmt: skip
     crop = np.array(Image.open(SHARED / "monuseg" / "test" / "images" / "TCGA-2Z-A9J9-01A-01-TS1.png"))[:256, :256]
     img = tmp_path / "crop.png"
     Image.fromarray(crop).save(img)
