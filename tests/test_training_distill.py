@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from cytoken.models import SegmenterConfig, build_segmenter, save_segmenter
+from cytoken.models.segmenter import HoverOutput
 from cytoken.models.store import load_segmenter
 from cytoken.training.config import DistillConfig, TrainConfig
-from cytoken.training.distill import distill_loss, load_teacher
+from cytoken.training.distill import distill_loss, load_teacher, token_similarity
 from cytoken.training.loop import _initial_model, train_segmenter
 from cytoken.types import CytokenError
 
@@ -76,6 +77,29 @@ def test_distill_loss_is_zero_only_for_the_teachers_own_maps() -> None:
     assert off is None and none == {}
 
 
+def _tokens_only(tokens: torch.Tensor) -> HoverOutput:
+    b, _, h, w = tokens.shape
+    return HoverOutput(torch.zeros(b, 2, h, w), torch.zeros(b, 2, h, w), None, None, tokens)
+
+
+def test_token_term_sees_only_the_geometry_of_the_embeddings() -> None:
+    """Zero for a wider student whose tokens are a rotation, offset and scaling of the teacher's; > 0 otherwise."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 8, 4, 4, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    wide = torch.cat([teacher, torch.zeros(2, 4, 4, 4)], 1)  # the same tokens in 12 dimensions
+    student = 3.0 * torch.einsum("ij,bjhw->bihw", q, wide) + 5.0
+    cfg = DistillConfig(teacher="unused", nuclei=0, hv=0, types=0, tokens=1.0)
+    _, same = distill_loss(_tokens_only(student), _tokens_only(teacher), cfg)
+    assert float(same["distill_tokens"]) < 1e-10
+    _, other = distill_loss(_tokens_only(torch.randn(2, 12, 4, 4, generator=g)), _tokens_only(teacher), cfg)
+    assert float(other["distill_tokens"]) > 0.01
+    sim = token_similarity(teacher)
+    assert sim.shape == (32, 32) and torch.allclose(sim.diagonal(), torch.ones(32))
+    with pytest.raises(CytokenError, match=r"same token grid.*\(4, 4\).*\(5, 5\)"):
+        distill_loss(_tokens_only(student), _tokens_only(torch.randn(2, 8, 5, 5)), cfg)
+
+
 def test_distillation_moves_the_student_towards_the_teacher(tmp_path: Path) -> None:
     teacher_path = _teacher(tmp_path)
     # ground-truth terms off: the teacher is the only target, so the student's maps must come closer to its maps
@@ -96,6 +120,18 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path: Path) -> N
         return float(((a.nuclei_prob - t.nuclei_prob) ** 2).mean() + ((a.hv - t.hv) ** 2).mean())
 
     assert gap(end) < 0.6 * gap(start)
+
+
+def test_token_distillation_moves_the_students_embeddings_towards_the_teachers(tmp_path: Path) -> None:
+    """The token term alone (no other target) brings the student's token geometry closer to the teacher's."""
+    teacher_path = _teacher(tmp_path)
+    zero = {k: 0.0 for k in ("nuclei_ce", "nuclei_dice", "hv_mse", "hv_msge", "type_ce", "type_dice")}
+    cfg = _config(tmp_path, loss=zero, lr=1e-2, epochs=8, steps_per_epoch=8,
+                  distill={"teacher": str(teacher_path), "nuclei": 0, "hv": 0, "types": 0, "tokens": 1.0})  # fmt: skip
+    history = train_segmenter(cfg, progress=False).history
+    assert "distill_tokens" in history[-1] and "distill_hv" not in history[-1]
+    first, last = history[0]["distill_tokens"], history[-1]["distill_tokens"]
+    assert last < 0.7 * first, (first, last)
 
 
 def test_distill_teacher_must_match(tmp_path: Path) -> None:

@@ -92,6 +92,10 @@ class DistillConfig(_Strict):
         hv_msge: weight of the mean squared error to the teacher's HV gradients inside the teacher's nuclei.
         types: weight of the cross-entropy of the student's type map against the teacher's type probabilities
             (softened like ``nuclei``); 0 when either model has no type map.
+        tokens: weight of a similarity-preserving term on the last-layer tokens (the cell embeddings): the mean
+            squared difference between the student's and the teacher's token-token cosine similarities over the
+            batch (each model's tokens centred first). It needs no projection, so the widths may differ, only the
+            token grids must match. It keeps the geometry the embedded classifier relies on when the shape changes.
         temperature: softmax temperature of the two soft cross-entropies (1 = the teacher's probabilities).
     """
 
@@ -100,6 +104,7 @@ class DistillConfig(_Strict):
     hv: float = Field(2.5, ge=0)
     hv_msge: float = Field(0.0, ge=0)
     types: float = Field(0.5, ge=0)
+    tokens: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0)
 
 
@@ -254,7 +259,8 @@ class TrainConfig(_Strict):
             if any(w < 0 for w in self.type_class_weights):
                 raise ValueError("type_class_weights must not be negative")
         kd = self.distill
-        if not any(self.loss.model_dump().values()) and not (kd and (kd.nuclei or kd.hv or kd.hv_msge or kd.types)):
+        distilled = kd is not None and any((kd.nuclei, kd.hv, kd.hv_msge, kd.types, kd.tokens))
+        if not any(self.loss.model_dump().values()) and not distilled:
             raise ValueError("every loss weight is 0 (loss and distill): nothing would be trained")
         if self.init_skip_mismatched and self.init_strict:
             raise ValueError("init_skip_mismatched needs init_strict: false")

@@ -8,7 +8,12 @@ input normalisation. Terms (weights from :class:`~cytoken.training.config.Distil
 - ``distill_hv``: mean squared error to the teacher's HV maps (clamped to [-1, 1], as at inference);
 - ``distill_hv_msge``: HoVer-Net's gradient loss against the teacher's HV maps, inside the teacher's nuclei
   (probability > 0.5);
-- ``distill_types``: the soft cross-entropy of ``distill_nuclei`` on the type maps.
+- ``distill_types``: the soft cross-entropy of ``distill_nuclei`` on the type maps;
+- ``distill_tokens``: similarity-preserving distillation (Tung & Mori 2019) of the last-layer tokens, which are the
+  cell embeddings: the mean squared difference between the two models' token-token cosine similarity matrices over
+  the whole batch, each model's tokens centred on their batch mean first. It is zero whenever the student's tokens
+  are a rotation, scaling and shift of the teacher's, so widths may differ and no projection is learned; what it
+  keeps is the geometry a classifier on the embeddings sees.
 
 A soft cross-entropy differs from the KL divergence only by the teacher's entropy, a constant for the student, so
 both give the same gradients; the cross-entropy is what is logged.
@@ -60,6 +65,13 @@ def _soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: floa
     return -(target * F.log_softmax(student_logits.float() / t, dim=1)).sum(1).mean() * (t * t)
 
 
+def token_similarity(tokens: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities between all tokens of a batch, (B, D, h, w) -> (B·h·w, B·h·w), tokens centred first."""
+    z = tokens.float().flatten(2).transpose(1, 2).reshape(-1, tokens.shape[1])
+    z = F.normalize(z - z.mean(0, keepdim=True), dim=1)
+    return z @ z.T
+
+
 def distill_loss(
     out: HoverOutput, teacher_out: HoverOutput, cfg: DistillConfig
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
@@ -76,6 +88,15 @@ def distill_loss(
         terms["distill_hv_msge"] = msge_loss(out.hv.float(), t_hv, focus) * cfg.hv_msge
     if cfg.types and out.type_logits is not None and teacher_out.type_logits is not None:
         terms["distill_types"] = _soft_ce(out.type_logits, teacher_out.type_logits, t) * cfg.types
+    if cfg.tokens:
+        if out.tokens.shape[-2:] != teacher_out.tokens.shape[-2:]:
+            raise CytokenError(
+                f"distill.tokens needs the same token grid in both models: the student's is "
+                f"{tuple(out.tokens.shape[-2:])}, the teacher's {tuple(teacher_out.tokens.shape[-2:])} (another patch "
+                "size?); set distill.tokens: 0"
+            )
+        sim = token_similarity(out.tokens)
+        terms["distill_tokens"] = F.mse_loss(sim, token_similarity(teacher_out.tokens)) * cfg.tokens
     if not terms:
         return None, terms
     return torch.stack(list(terms.values())).sum(), terms
