@@ -1,7 +1,8 @@
 """YAML config files read strictly: a key given twice in one mapping is an error, not "the last one wins".
 
 PyYAML's ``safe_load`` silently keeps the last of two equal keys, so a config with two ``model:`` sections (easy to
-make by pasting) would train a model nobody asked for. Every cytoken config reader goes through :func:`read_yaml`.
+make by pasting) would train a model nobody asked for. cytoken's own config files (training configs,
+``--hover-config``) are read with :func:`read_yaml`. Keys merged in with ``<<: *anchor`` may still be overridden.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
     seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the keys written here; a key merged in with `<<: *anchor` may be overridden
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
         line = key_node.start_mark.line + 1
         if key in seen:
             raise DuplicateKeyError(f"key {key!r} appears twice (lines {seen[key]} and {line})")
         seen[key] = line
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -53,6 +56,9 @@ def read_yaml(path: str | Path) -> Any:
     Example:
         >>> import tempfile, pathlib
         >>> f = pathlib.Path(tempfile.mkdtemp()) / "c.yaml"
+        >>> _ = f.write_text("base: &b {lr: 0.1, seed: 1}\nrun: {<<: *b, lr: 0.2}\n")
+        >>> read_yaml(f)["run"]
+        {'lr': 0.2, 'seed': 1}
         >>> _ = f.write_text("lr: 0.1\nseed: 1\nlr: 0.2\n")
         >>> read_yaml(f)
         Traceback (most recent call last):
