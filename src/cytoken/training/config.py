@@ -96,6 +96,8 @@ class DistillConfig(_Strict):
             squared difference between the student's and the teacher's token-token cosine similarities over the
             batch (each model's tokens centred first). It needs no projection, so the widths may differ, only the
             token grids must match. It keeps the geometry the embedded classifier relies on when the shape changes.
+            Cost: one (B·h·w)² matrix per model and step, growing with the square of the tokens per batch (8 crops
+            of 256² at 16 px: 2,048², 16 MB; 16 crops of 512²: 16,384², 1 GB).
         temperature: softmax temperature of the two soft cross-entropies (1 = the teacher's probabilities).
     """
 
